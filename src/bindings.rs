@@ -1,0 +1,206 @@
+//! The Python classes and functions of `memgauge._native`.
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::scope::{Measurement, Scope};
+use crate::size;
+
+/// A measurement scope: `with memgauge.measure() as m:`; the figures are read after the block.
+#[pyclass(name = "Scope", module = "memgauge._native")]
+pub struct PyScope {
+    top_sites: usize,
+    open: Option<Scope>,
+    result: Option<Measurement>,
+}
+
+impl PyScope {
+    fn result(&self) -> PyResult<&Measurement> {
+        self.result.as_ref().ok_or_else(|| {
+            let state = if self.open.is_some() {
+                "still open"
+            } else {
+                "not started"
+            };
+            PyRuntimeError::new_err(format!(
+                "the measurement is {state}: read its figures after the `with` block (or stop())"
+            ))
+        })
+    }
+}
+
+#[pymethods]
+impl PyScope {
+    #[new]
+    #[pyo3(signature = (top_sites = 10))]
+    fn new(top_sites: usize) -> Self {
+        PyScope {
+            top_sites,
+            open: None,
+            result: None,
+        }
+    }
+
+    /// Opens the scope: from here on, allocations of this thread and of threads it starts count.
+    fn start(&mut self, py: Python<'_>) -> PyResult<()> {
+        if self.open.is_some() {
+            return Err(PyRuntimeError::new_err(
+                "the measurement is already running",
+            ));
+        }
+        self.result = None;
+        let scope = Scope::open(py, self.top_sites)
+            .map_err(|error| PyRuntimeError::new_err(error.to_string()))?;
+        self.open = Some(scope);
+        Ok(())
+    }
+
+    /// Closes the scope; the figures can be read afterwards.
+    fn stop(&mut self, py: Python<'_>) -> PyResult<()> {
+        let scope = self
+            .open
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("the measurement is not running"))?;
+        self.result = Some(scope.close(py));
+        Ok(())
+    }
+
+    fn __enter__<'py>(mut slf: PyRefMut<'py, Self>) -> PyResult<PyRefMut<'py, Self>> {
+        let py = slf.py();
+        slf.start(py)?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&mut self, py: Python<'_>, _exc: &Bound<'_, PyAny>) -> PyResult<bool> {
+        self.stop(py)?;
+        Ok(false)
+    }
+
+    /// Traced: the most memory allocated in the scope and alive at the same time.
+    #[getter]
+    fn peak_bytes(&self) -> PyResult<u64> {
+        Ok(self.result()?.peak_bytes)
+    }
+
+    /// Traced: memory allocated in the scope and still alive at its end.
+    #[getter]
+    fn leaked_bytes(&self) -> PyResult<u64> {
+        Ok(self.result()?.leaked_bytes)
+    }
+
+    /// Traced: every byte allocated in the scope, freed or not.
+    #[getter]
+    fn allocated_bytes(&self) -> PyResult<u64> {
+        Ok(self.result()?.allocated_bytes)
+    }
+
+    /// Traced: the number of allocations in the scope.
+    #[getter]
+    fn allocations(&self) -> PyResult<u64> {
+        Ok(self.result()?.allocations)
+    }
+
+    /// RSS: the process's high water mark during the scope above its RSS at the start.
+    #[getter]
+    fn rss_peak_bytes(&self) -> PyResult<Option<u64>> {
+        Ok(self.result()?.rss_peak_bytes)
+    }
+
+    /// RSS: at the end minus at the start.
+    #[getter]
+    fn rss_delta_bytes(&self) -> PyResult<Option<i64>> {
+        Ok(self.result()?.rss_delta_bytes)
+    }
+
+    /// True when the RSS peak was sampled (every 1 ms) rather than read from the kernel.
+    #[getter]
+    fn rss_sampled(&self) -> PyResult<bool> {
+        Ok(self.result()?.rss_sampled)
+    }
+
+    /// True when NumPy's array buffers were traced.
+    #[getter]
+    fn numpy_traced(&self) -> PyResult<bool> {
+        Ok(self.result()?.numpy_traced)
+    }
+
+    #[getter]
+    fn duration_s(&self) -> PyResult<f64> {
+        Ok(self.result()?.duration_s)
+    }
+
+    /// The lines that held the most memory at the peak, largest first, as dicts with `file`,
+    /// `line`, `function` and `bytes`.
+    #[getter]
+    fn top_sites<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        self.result()?
+            .top_sites
+            .iter()
+            .map(|site| {
+                let dict = PyDict::new(py);
+                dict.set_item("file", &site.location.file)?;
+                dict.set_item("line", site.location.line)?;
+                dict.set_item("function", &site.location.function)?;
+                dict.set_item("bytes", site.bytes)?;
+                Ok(dict)
+            })
+            .collect()
+    }
+
+    /// All figures as a dict, in the results file's keys.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let result = self.result()?;
+        let dict = PyDict::new(py);
+        dict.set_item("peak_bytes", result.peak_bytes)?;
+        dict.set_item("leaked_bytes", result.leaked_bytes)?;
+        dict.set_item("allocated_bytes", result.allocated_bytes)?;
+        dict.set_item("allocations", result.allocations)?;
+        dict.set_item("rss_peak_bytes", result.rss_peak_bytes)?;
+        dict.set_item("rss_delta_bytes", result.rss_delta_bytes)?;
+        dict.set_item("rss_sampled", result.rss_sampled)?;
+        dict.set_item("duration_s", result.duration_s)?;
+        dict.set_item("top_sites", self.top_sites(py)?)?;
+        Ok(dict)
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.result {
+            Some(r) => format!(
+                "<memgauge.Scope peak={} leaked={} allocated={} rss_peak={}>",
+                size::format_size(r.peak_bytes),
+                size::format_size(r.leaked_bytes),
+                size::format_size(r.allocated_bytes),
+                r.rss_peak_bytes.map_or("n/a".to_owned(), size::format_size),
+            ),
+            None if self.open.is_some() => "<memgauge.Scope running>".to_owned(),
+            None => "<memgauge.Scope not started>".to_owned(),
+        }
+    }
+}
+
+/// Parses a size such as "50 MiB" into bytes (B, KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024).
+#[pyfunction]
+pub fn parse_size(text: &str) -> PyResult<u64> {
+    size::parse_size(text).map_err(|error| PyValueError::new_err(error.to_string()))
+}
+
+/// Formats bytes in binary units: "12.34 MiB".
+#[pyfunction]
+pub fn format_size(bytes: i64) -> String {
+    size::format_signed_size(i128::from(bytes))
+}
+
+/// The process's current RSS and its high water mark, in bytes (None where the OS does not say).
+#[pyfunction]
+pub fn rss_bytes() -> (Option<u64>, Option<u64>) {
+    let status = crate::proc::status_memory(None).unwrap_or_default();
+    (status.rss_bytes, status.hwm_bytes)
+}
+
+/// Runs the `memgauge` command line with `argv` (program name first); returns the exit code.
+#[pyfunction]
+pub fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(|| crate::cli::run(argv).code())
+}

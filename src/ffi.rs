@@ -1,0 +1,706 @@
+//! Everything unsafe lives here: the CPython allocator hooks, the NumPy data-allocator patch, the
+//! frame lookups that attribute an allocation to a line, and the few OS calls.
+//!
+//! The hooks wrap the allocators that were installed before them and feed [`Tracker`]. Rules
+//! that keep them correct:
+//! - A thread-local "busy" flag is held while a hook calls the original allocator, so nested
+//!   calls (pymalloc hands requests over 512 bytes to the raw domain; a frame lookup may allocate
+//!   a frame object) pass straight through: nothing is counted twice and the engine's own
+//!   allocations are never counted.
+//! - The engine lock is never held while calling into Python, which may allocate.
+//! - A block is forgotten before the original `free` runs, so another thread that receives the
+//!   same address cannot have its record removed.
+//! - The hooks read the original allocator from statics, not from `ctx`, and are installed with
+//!   the original `ctx`: a reader that sees a half-written allocator struct still calls a
+//!   consistent pair.
+
+/// The size of a memory page, for turning page counts into bytes.
+pub fn page_size() -> u64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf has no preconditions; it returns -1 on error, handled below.
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if size > 0 {
+            return size as u64;
+        }
+    }
+    4096
+}
+
+/// The OS id of the calling thread: the value `threading.get_native_id()` returns.
+pub fn current_thread_id() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid takes no arguments and cannot fail.
+        unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+    }
+    #[cfg(target_os = "macos")]
+    {
+        let mut id: u64 = 0;
+        // SAFETY: a null thread means the calling thread; `id` is a valid out pointer.
+        unsafe { libc::pthread_threadid_np(0, &mut id) };
+        id
+    }
+    #[cfg(windows)]
+    {
+        #[link(name = "kernel32")]
+        extern "system" {
+            fn GetCurrentThreadId() -> u32;
+        }
+        // SAFETY: GetCurrentThreadId takes no arguments and cannot fail.
+        u64::from(unsafe { GetCurrentThreadId() })
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
+    {
+        thread_local!(static ANCHOR: u8 = const { 0 });
+        ANCHOR.with(|anchor| anchor as *const u8 as u64)
+    }
+}
+
+#[cfg(feature = "python")]
+pub use python::*;
+
+#[cfg(feature = "python")]
+mod python {
+    use std::cell::Cell;
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+    use std::sync::{Mutex, MutexGuard};
+
+    use pyo3::ffi;
+    use pyo3::prelude::*;
+    use pyo3::types::PyCapsule;
+
+    use super::current_thread_id;
+    use crate::tracker::{FastMap, ScopeMask, SiteId, Tracker, NATIVE_SITE};
+
+    // ----- engine state -----
+
+    /// An allocation site before it is resolved to `file:line`: a code object (a strong
+    /// reference, so its address is not reused while the table holds it) and an offset, the
+    /// byte offset of the instruction (3.11+) or the line number (3.9, 3.10).
+    struct CodeRef(*mut ffi::PyObject);
+
+    // SAFETY: the pointer is only dereferenced (refcounts, attributes) with the GIL held.
+    unsafe impl Send for CodeRef {}
+
+    #[derive(Default)]
+    struct SiteTable {
+        index: FastMap<(usize, c_int), SiteId>,
+        /// `sites[i - 1]` is site `i`; site 0 is "no Python frame".
+        sites: Vec<(CodeRef, c_int)>,
+    }
+
+    impl SiteTable {
+        /// Takes ownership of the reference in `site`.
+        fn intern(&mut self, site: Option<(*mut ffi::PyObject, c_int)>) -> SiteId {
+            let Some((code, offset)) = site else {
+                return NATIVE_SITE;
+            };
+            if let Some(&id) = self.index.get(&(code as usize, offset)) {
+                // SAFETY: `code` is a strong reference we own; the frame holds another, so this
+                // never frees and cannot re-enter the allocator.
+                unsafe { ffi::Py_DECREF(code) };
+                return id;
+            }
+            self.sites.push((CodeRef(code), offset));
+            let id = self.sites.len() as SiteId;
+            self.index.insert((code as usize, offset), id);
+            id
+        }
+    }
+
+    #[derive(Default)]
+    pub(crate) struct Engine {
+        pub(crate) tracker: Tracker,
+        sites: SiteTable,
+    }
+
+    static ENGINE: Mutex<Option<Engine>> = Mutex::new(None);
+    /// True while a scope is open: the hooks do nothing else when it is false.
+    static ACTIVE: AtomicBool = AtomicBool::new(false);
+    /// Bumped when a scope opens or closes, so each thread recomputes which scopes follow it.
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+    fn lock() -> MutexGuard<'static, Option<Engine>> {
+        // A poisoned lock only means a panic elsewhere; the counts are still consistent.
+        ENGINE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    struct ThreadState {
+        busy: Cell<bool>,
+        generation: Cell<u64>,
+        mask: Cell<ScopeMask>,
+    }
+
+    thread_local! {
+        static THREAD: ThreadState = const {
+            ThreadState { busy: Cell::new(false), generation: Cell::new(u64::MAX), mask: Cell::new(0) }
+        };
+    }
+
+    /// Held while a hook (or the engine itself) works; nested allocations pass through.
+    struct Busy;
+
+    impl Busy {
+        fn enter() -> Option<Busy> {
+            THREAD
+                .try_with(|state| (!state.busy.replace(true)).then(|| Busy))
+                .ok()
+                .flatten()
+        }
+    }
+
+    impl Drop for Busy {
+        fn drop(&mut self) {
+            let _ = THREAD.try_with(|state| state.busy.set(false));
+        }
+    }
+
+    /// Runs `f` with this thread's allocations untraced: for the engine's own work.
+    pub fn untraced<R>(f: impl FnOnce() -> R) -> R {
+        let _busy = Busy::enter();
+        f()
+    }
+
+    /// The scopes that follow this thread, from the cache when no scope opened or closed since.
+    fn cached_mask() -> Option<ScopeMask> {
+        let generation = GENERATION.load(Acquire);
+        THREAD
+            .try_with(|state| (state.generation.get() == generation).then(|| state.mask.get()))
+            .ok()
+            .flatten()
+    }
+
+    fn membership(engine: &Engine) -> ScopeMask {
+        if let Some(mask) = cached_mask() {
+            return mask;
+        }
+        let generation = GENERATION.load(Acquire);
+        let mask = engine.tracker.membership(current_thread_id());
+        let _ = THREAD.try_with(|state| {
+            state.generation.set(generation);
+            state.mask.set(mask);
+        });
+        mask
+    }
+
+    /// The code object and instruction of the innermost Python frame of this thread.
+    ///
+    /// # Safety
+    /// The caller holds the GIL unless `check_gil` is set.
+    unsafe fn current_site(check_gil: bool) -> Option<(*mut ffi::PyObject, c_int)> {
+        // SAFETY: PyGILState_Check only reads thread-local state.
+        if check_gil && unsafe { ffi::PyGILState_Check() } == 0 {
+            return None;
+        }
+        // SAFETY: the GIL is held. PyEval_GetFrame skips incomplete frames since 3.11.0
+        // (gh-96975); it may create the frame object, an allocation that passes through as busy.
+        let frame = unsafe { ffi::PyEval_GetFrame() };
+        if frame.is_null() {
+            return None;
+        }
+        // SAFETY: `frame` is a live frame object (borrowed); PyFrame_GetCode returns a new
+        // reference and the offset getters only read the frame.
+        unsafe {
+            let code = ffi::PyFrame_GetCode(frame).cast::<ffi::PyObject>();
+            #[cfg(Py_3_11)]
+            let offset = ffi::PyFrame_GetLasti(frame);
+            #[cfg(not(Py_3_11))]
+            let offset = ffi::PyFrame_GetLineNumber(frame);
+            Some((code, offset))
+        }
+    }
+
+    fn record_alloc(address: *mut c_void, size: usize, check_gil: bool) {
+        if cached_mask() == Some(0) {
+            return;
+        }
+        // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
+        // domain and NumPy's allocator pass `check_gil`.
+        let site = unsafe { current_site(check_gil) };
+        let mut guard = lock();
+        let Some(engine) = guard.as_mut() else {
+            drop(guard);
+            if let Some((code, _)) = site {
+                // SAFETY: our own strong reference; the frame holds another.
+                unsafe { ffi::Py_DECREF(code) };
+            }
+            return;
+        };
+        let mask = membership(engine);
+        let site = engine.sites.intern(site);
+        engine.tracker.on_alloc(address as usize, size, site, mask);
+    }
+
+    fn forget(address: *mut c_void) -> Option<crate::tracker::Block> {
+        lock().as_mut()?.tracker.on_free(address as usize)
+    }
+
+    fn traced_alloc(
+        size: usize,
+        check_gil: bool,
+        allocate: impl FnOnce() -> *mut c_void,
+    ) -> *mut c_void {
+        if !ACTIVE.load(Relaxed) {
+            return allocate();
+        }
+        let Some(_busy) = Busy::enter() else {
+            return allocate();
+        };
+        let address = allocate();
+        if !address.is_null() {
+            record_alloc(address, size, check_gil);
+        }
+        address
+    }
+
+    fn traced_realloc(
+        old: *mut c_void,
+        new_size: usize,
+        check_gil: bool,
+        reallocate: impl FnOnce() -> *mut c_void,
+    ) -> *mut c_void {
+        if !ACTIVE.load(Relaxed) {
+            return reallocate();
+        }
+        let Some(_busy) = Busy::enter() else {
+            return reallocate();
+        };
+        let old_block = if old.is_null() { None } else { forget(old) };
+        let address = reallocate();
+        if !address.is_null() {
+            record_alloc(address, new_size, check_gil);
+        } else if let (Some(block), true) = (old_block, new_size > 0) {
+            // The realloc failed and the old block is still there.
+            if let Some(engine) = lock().as_mut() {
+                engine.tracker.restore(old as usize, block);
+            }
+        }
+        address
+    }
+
+    fn traced_free(address: *mut c_void, release: impl FnOnce()) {
+        if !ACTIVE.load(Relaxed) || address.is_null() {
+            return release();
+        }
+        let Some(_busy) = Busy::enter() else {
+            return release();
+        };
+        forget(address);
+        release();
+    }
+
+    // ----- CPython's three allocator domains -----
+
+    const RAW: usize = 0;
+    const DOMAINS: [ffi::PyMemAllocatorDomain; 3] = [
+        ffi::PyMemAllocatorDomain::PYMEM_DOMAIN_RAW,
+        ffi::PyMemAllocatorDomain::PYMEM_DOMAIN_MEM,
+        ffi::PyMemAllocatorDomain::PYMEM_DOMAIN_OBJ,
+    ];
+
+    type MallocFn = extern "C" fn(*mut c_void, usize) -> *mut c_void;
+    type CallocFn = extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
+    type ReallocFn = extern "C" fn(*mut c_void, *mut c_void, usize) -> *mut c_void;
+    type FreeFn = extern "C" fn(*mut c_void, *mut c_void);
+
+    /// The allocator a hook wraps, in atomics so a hook racing a re-install reads whole values.
+    struct Original {
+        ctx: AtomicPtr<c_void>,
+        malloc: AtomicUsize,
+        calloc: AtomicUsize,
+        realloc: AtomicUsize,
+        free: AtomicUsize,
+    }
+
+    #[allow(clippy::declare_interior_mutable_const)]
+    const UNSET: Original = Original {
+        ctx: AtomicPtr::new(std::ptr::null_mut()),
+        malloc: AtomicUsize::new(0),
+        calloc: AtomicUsize::new(0),
+        realloc: AtomicUsize::new(0),
+        free: AtomicUsize::new(0),
+    };
+    static ORIGINALS: [Original; 3] = [UNSET, UNSET, UNSET];
+    /// Whether our hooks are in a domain's allocator chain (possibly under someone else's).
+    static CHAINED: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+
+    impl Original {
+        fn store(&self, allocator: &ffi::PyMemAllocatorEx) {
+            self.ctx.store(allocator.ctx, Relaxed);
+            self.malloc
+                .store(allocator.malloc.map_or(0, |f| f as usize), Relaxed);
+            self.calloc
+                .store(allocator.calloc.map_or(0, |f| f as usize), Relaxed);
+            self.realloc
+                .store(allocator.realloc.map_or(0, |f| f as usize), Relaxed);
+            self.free
+                .store(allocator.free.map_or(0, |f| f as usize), Relaxed);
+        }
+
+        fn load(&self) -> ffi::PyMemAllocatorEx {
+            // SAFETY: the fields were stored from the fn pointers of a valid PyMemAllocatorEx
+            // before any hook that reads them was installed; 0 maps back to None.
+            unsafe {
+                ffi::PyMemAllocatorEx {
+                    ctx: self.ctx.load(Relaxed),
+                    malloc: std::mem::transmute::<usize, Option<MallocFn>>(
+                        self.malloc.load(Relaxed),
+                    ),
+                    calloc: std::mem::transmute::<usize, Option<CallocFn>>(
+                        self.calloc.load(Relaxed),
+                    ),
+                    realloc: std::mem::transmute::<usize, Option<ReallocFn>>(
+                        self.realloc.load(Relaxed),
+                    ),
+                    free: std::mem::transmute::<usize, Option<FreeFn>>(self.free.load(Relaxed)),
+                }
+            }
+        }
+    }
+
+    // CPython always fills all four functions of an allocator, so the `expect`s cannot fire.
+    extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
+        let original = ORIGINALS[D].load();
+        let malloc = original.malloc.expect("allocator without malloc");
+        traced_alloc(size, D == RAW, || malloc(original.ctx, size))
+    }
+
+    extern "C" fn hook_calloc<const D: usize>(
+        _ctx: *mut c_void,
+        count: usize,
+        size: usize,
+    ) -> *mut c_void {
+        let original = ORIGINALS[D].load();
+        let calloc = original.calloc.expect("allocator without calloc");
+        traced_alloc(count.saturating_mul(size), D == RAW, || {
+            calloc(original.ctx, count, size)
+        })
+    }
+
+    extern "C" fn hook_realloc<const D: usize>(
+        _ctx: *mut c_void,
+        old: *mut c_void,
+        new_size: usize,
+    ) -> *mut c_void {
+        let original = ORIGINALS[D].load();
+        let realloc = original.realloc.expect("allocator without realloc");
+        traced_realloc(old, new_size, D == RAW, || {
+            realloc(original.ctx, old, new_size)
+        })
+    }
+
+    extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, address: *mut c_void) {
+        let original = ORIGINALS[D].load();
+        let free = original.free.expect("allocator without free");
+        traced_free(address, || free(original.ctx, address))
+    }
+
+    fn hooks<const D: usize>(ctx: *mut c_void) -> ffi::PyMemAllocatorEx {
+        ffi::PyMemAllocatorEx {
+            ctx,
+            malloc: Some(hook_malloc::<D>),
+            calloc: Some(hook_calloc::<D>),
+            realloc: Some(hook_realloc::<D>),
+            free: Some(hook_free::<D>),
+        }
+    }
+
+    fn our_hooks(domain: usize, ctx: *mut c_void) -> ffi::PyMemAllocatorEx {
+        match domain {
+            0 => hooks::<0>(ctx),
+            1 => hooks::<1>(ctx),
+            _ => hooks::<2>(ctx),
+        }
+    }
+
+    fn current_allocator(domain: usize) -> ffi::PyMemAllocatorEx {
+        let mut allocator = our_hooks(domain, std::ptr::null_mut());
+        // SAFETY: PyMem_GetAllocator fills the struct we pass; the caller holds the GIL.
+        unsafe { ffi::PyMem_GetAllocator(DOMAINS[domain], &mut allocator) };
+        allocator
+    }
+
+    fn install_pymem_hooks(_py: Python<'_>) {
+        for domain in 0..DOMAINS.len() {
+            if CHAINED[domain].load(Relaxed) {
+                continue;
+            }
+            let current = current_allocator(domain);
+            ORIGINALS[domain].store(&current);
+            let mut ours = our_hooks(domain, current.ctx);
+            // SAFETY: the GIL is held; our hooks wrap the allocator that was installed, which
+            // the C API allows after initialisation.
+            unsafe { ffi::PyMem_SetAllocator(DOMAINS[domain], &mut ours) };
+            CHAINED[domain].store(true, Relaxed);
+        }
+    }
+
+    fn uninstall_pymem_hooks(_py: Python<'_>) {
+        for domain in 0..DOMAINS.len() {
+            let current = current_allocator(domain);
+            let ours = our_hooks(domain, current.ctx);
+            if current.malloc.map(|f| f as usize) != ours.malloc.map(|f| f as usize) {
+                // Someone (tracemalloc, memray) wrapped ours: removing ours would remove theirs.
+                // Ours stays in their chain and passes everything through while inactive.
+                continue;
+            }
+            let mut original = ORIGINALS[domain].load();
+            // SAFETY: the GIL is held; this puts back exactly the allocator we wrapped.
+            unsafe { ffi::PyMem_SetAllocator(DOMAINS[domain], &mut original) };
+            CHAINED[domain].store(false, Relaxed);
+        }
+    }
+
+    // ----- NumPy's array buffers (NEP 49) -----
+    //
+    // NumPy allocates array data with its own handler, not through CPython's domains. NEP 49 lets
+    // a program install a handler, but the handler lives in a context variable: a thread started
+    // inside a scope would still use the default one. So the default handler's functions are
+    // wrapped in place instead (its struct is a writable global in NumPy), which covers every
+    // thread and context. Arrays keep a reference to their handler and free through it, so a
+    // buffer allocated while wrapped and freed after unwrapping simply goes straight to NumPy.
+
+    #[repr(C)]
+    struct DataAllocator {
+        ctx: *mut c_void,
+        malloc: Option<MallocFn>,
+        calloc: Option<CallocFn>,
+        realloc: Option<ReallocFn>,
+        free: Option<extern "C" fn(*mut c_void, *mut c_void, usize)>,
+    }
+
+    #[repr(C)]
+    struct DataHandler {
+        name: [c_char; 127],
+        version: u8,
+        allocator: DataAllocator,
+    }
+
+    /// `PyDataMem_GetHandler`'s slot in NumPy's C API table (numpy_api.py, since 1.22).
+    const GET_HANDLER_SLOT: usize = 305;
+
+    static NUMPY_HANDLER: AtomicPtr<DataHandler> = AtomicPtr::new(std::ptr::null_mut());
+    static NUMPY_ORIGINAL: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+
+    fn numpy_original<F: Copy>(slot: usize) -> F {
+        // SAFETY: slot `slot` holds the matching fn pointer of the default handler, stored in
+        // `patch_numpy` before the wrappers were installed.
+        unsafe { std::mem::transmute_copy::<usize, F>(&NUMPY_ORIGINAL[slot].load(Relaxed)) }
+    }
+
+    extern "C" fn numpy_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
+        let malloc: MallocFn = numpy_original(0);
+        traced_alloc(size, true, || malloc(ctx, size))
+    }
+
+    extern "C" fn numpy_calloc(ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
+        let calloc: CallocFn = numpy_original(1);
+        traced_alloc(count.saturating_mul(size), true, || {
+            calloc(ctx, count, size)
+        })
+    }
+
+    extern "C" fn numpy_realloc(
+        ctx: *mut c_void,
+        old: *mut c_void,
+        new_size: usize,
+    ) -> *mut c_void {
+        let realloc: ReallocFn = numpy_original(2);
+        traced_realloc(old, new_size, true, || realloc(ctx, old, new_size))
+    }
+
+    extern "C" fn numpy_free(ctx: *mut c_void, address: *mut c_void, size: usize) {
+        let free: extern "C" fn(*mut c_void, *mut c_void, usize) = numpy_original(3);
+        traced_free(address, || free(ctx, address, size))
+    }
+
+    /// The default data handler of an imported NumPy ≥ 1.22, or None.
+    fn numpy_default_handler(py: Python<'_>) -> Option<*mut DataHandler> {
+        let modules = py.import("sys").ok()?.getattr("modules").ok()?;
+        let umath = [
+            "numpy._core._multiarray_umath",
+            "numpy.core._multiarray_umath",
+        ]
+        .iter()
+        .find_map(|name| modules.get_item(name).ok())?;
+        let api = umath.getattr("_ARRAY_API").ok()?;
+        let api = api.cast::<PyCapsule>().ok()?;
+        let table = api
+            .pointer_checked(None)
+            .ok()?
+            .as_ptr()
+            .cast::<*const c_void>();
+        // Older NumPy has no handler API: its `get_handler_name` is the marker (1.22).
+        umath.getattr("get_handler_name").ok()?;
+        // SAFETY: NumPy's C API table is an array of at least GET_HANDLER_SLOT + 1 entries in
+        // every NumPy that has `get_handler_name`; the slot is `PyObject *(*)(void)`.
+        let get_handler: extern "C" fn() -> *mut ffi::PyObject =
+            unsafe { std::mem::transmute(*table.add(GET_HANDLER_SLOT)) };
+        let capsule = get_handler();
+        if capsule.is_null() {
+            // SAFETY: the GIL is held; clears the error PyDataMem_GetHandler set.
+            unsafe { ffi::PyErr_Clear() };
+            return None;
+        }
+        // SAFETY: `capsule` is a new reference to the "mem_handler" capsule.
+        let handler = unsafe {
+            let handler = ffi::PyCapsule_GetPointer(capsule, c"mem_handler".as_ptr());
+            ffi::Py_DECREF(capsule);
+            handler.cast::<DataHandler>()
+        };
+        if handler.is_null() {
+            // SAFETY: the GIL is held.
+            unsafe { ffi::PyErr_Clear() };
+            return None;
+        }
+        // SAFETY: a "mem_handler" capsule points at a PyDataMem_Handler.
+        let (name, version) =
+            unsafe { (CStr::from_ptr((*handler).name.as_ptr()), (*handler).version) };
+        // Only NumPy's own default handler is a global we may write; a user's may be read-only.
+        (name == c"default_allocator" && version == 1).then_some(handler)
+    }
+
+    fn patch_numpy(py: Python<'_>) {
+        if !NUMPY_HANDLER.load(Relaxed).is_null() {
+            return;
+        }
+        let Some(handler) = numpy_default_handler(py) else {
+            return;
+        };
+        // SAFETY: `handler` is NumPy's writable global default handler; the GIL is held, and
+        // pointer-sized stores are atomic, so an allocation on another thread sees either the
+        // original function or the wrapper, both of which work.
+        unsafe {
+            let allocator = &mut (*handler).allocator;
+            NUMPY_ORIGINAL[0].store(allocator.malloc.map_or(0, |f| f as usize), Relaxed);
+            NUMPY_ORIGINAL[1].store(allocator.calloc.map_or(0, |f| f as usize), Relaxed);
+            NUMPY_ORIGINAL[2].store(allocator.realloc.map_or(0, |f| f as usize), Relaxed);
+            NUMPY_ORIGINAL[3].store(allocator.free.map_or(0, |f| f as usize), Relaxed);
+            if NUMPY_ORIGINAL.iter().any(|f| f.load(Relaxed) == 0) {
+                return;
+            }
+            allocator.malloc = Some(numpy_malloc);
+            allocator.calloc = Some(numpy_calloc);
+            allocator.realloc = Some(numpy_realloc);
+            allocator.free = Some(numpy_free);
+        }
+        NUMPY_HANDLER.store(handler, Relaxed);
+    }
+
+    fn unpatch_numpy(_py: Python<'_>) {
+        let handler = NUMPY_HANDLER.swap(std::ptr::null_mut(), Relaxed);
+        if handler.is_null() {
+            return;
+        }
+        // SAFETY: as in `patch_numpy`; this restores the functions saved there.
+        unsafe {
+            let allocator = &mut (*handler).allocator;
+            allocator.malloc = Some(numpy_original(0));
+            allocator.calloc = Some(numpy_original(1));
+            allocator.realloc = Some(numpy_original(2));
+            allocator.free = Some(numpy_original(3));
+        }
+    }
+
+    // ----- the engine's interface -----
+
+    /// Starts tracing if it is not running (installs the hooks) and runs `f` on the engine.
+    pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -> R {
+        let result = untraced(|| {
+            let mut guard = lock();
+            let engine = guard.get_or_insert_with(Engine::default);
+            let result = f(engine);
+            let idle = engine.tracker.is_idle();
+            GENERATION.fetch_add(1, AcqRel);
+            ACTIVE.store(!idle, Release);
+            (result, idle)
+        });
+        let (result, idle) = result;
+        if idle {
+            uninstall_pymem_hooks(py);
+            unpatch_numpy(py);
+        } else {
+            install_pymem_hooks(py);
+            patch_numpy(py);
+        }
+        result
+    }
+
+    /// Drops the site table once no scope is open (after the last scope located its sites).
+    pub(crate) fn release_sites_if_idle(_py: Python<'_>) {
+        let sites = {
+            let mut guard = lock();
+            match guard.as_mut() {
+                Some(engine) if engine.tracker.is_idle() => std::mem::take(&mut engine.sites),
+                _ => return,
+            }
+        };
+        // Outside the lock: dropping a code object frees memory, which calls the hooks.
+        untraced(|| {
+            for (code, _) in sites.sites {
+                // SAFETY: the GIL is held and the table owned this reference.
+                unsafe { ffi::Py_DECREF(code.0) };
+            }
+        });
+    }
+
+    /// Whether NumPy's array buffers are traced right now.
+    pub fn numpy_traced() -> bool {
+        !NUMPY_HANDLER.load(Relaxed).is_null()
+    }
+
+    /// Where an allocation site is: file, line and function.
+    #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+    pub struct SiteLocation {
+        pub file: String,
+        pub line: u32,
+        pub function: String,
+    }
+
+    /// Resolves site ids to `file:line` and function names.
+    pub(crate) fn locate_sites(py: Python<'_>, ids: &[SiteId]) -> Vec<SiteLocation> {
+        // Copy the references out under the lock, then call Python without it.
+        let sites: Vec<Option<(*mut ffi::PyObject, c_int)>> = untraced(|| {
+            let guard = lock();
+            let table = guard.as_ref().map(|engine| &engine.sites.sites);
+            ids.iter()
+                .map(|&id| {
+                    let (code, offset) = table?.get((id as usize).checked_sub(1)?)?;
+                    // SAFETY: the GIL is held; this reference is released below.
+                    unsafe { ffi::Py_INCREF(code.0) };
+                    Some((code.0, *offset))
+                })
+                .collect()
+        });
+        untraced(|| sites.into_iter().map(|site| locate(py, site)).collect())
+    }
+
+    fn locate(py: Python<'_>, site: Option<(*mut ffi::PyObject, c_int)>) -> SiteLocation {
+        let Some((code, offset)) = site else {
+            return SiteLocation {
+                file: "<native>".to_owned(),
+                line: 0,
+                function: "<no Python frame>".to_owned(),
+            };
+        };
+        // SAFETY: `code` is a strong reference taken in `locate_sites`; Bound takes it over.
+        let code = unsafe { Bound::from_owned_ptr(py, code) };
+        #[cfg(Py_3_11)]
+        // SAFETY: a code object and a byte offset into it, with the GIL held.
+        let line = unsafe { ffi::PyCode_Addr2Line(code.as_ptr().cast(), offset) };
+        #[cfg(not(Py_3_11))]
+        let line = offset;
+        let text = |name: &str| code.getattr(name).and_then(|v| v.extract::<String>()).ok();
+        SiteLocation {
+            file: text("co_filename").unwrap_or_else(|| "<unknown>".to_owned()),
+            line: u32::try_from(line).unwrap_or(0),
+            function: text("co_qualname")
+                .or_else(|| text("co_name"))
+                .unwrap_or_else(|| "<unknown>".to_owned()),
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! memgauge: exact, deterministic memory figures for Python code, and a gate for CI.
+
+pub mod cli;
+pub mod ffi;
+pub mod proc;
+pub mod rss;
+pub mod size;
+pub mod tracker;
+
+#[cfg(feature = "python")]
+mod bindings;
+#[cfg(feature = "python")]
+pub mod scope;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+mod _native {
+    #[pymodule_export]
+    use crate::bindings::{cli_main, format_size, parse_size, rss_bytes, PyScope};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}

@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    memgauge::cli::run(std::env::args()).into()
+}

@@ -1,0 +1,184 @@
+//! Reading the process's memory and threads from the OS.
+//!
+//! Each reader is a pure parser of the OS's text plus a thin I/O shell, so the parsers are tested
+//! on text. Linux is the platform with exact figures; elsewhere the readers answer `None` and the
+//! traced figures stand alone.
+
+use std::io;
+
+/// Resident set size figures from `/proc/<pid>/status`, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatusMemory {
+    /// `VmRSS`: resident now.
+    pub rss_bytes: Option<u64>,
+    /// `VmHWM`: the resident high water mark since start or since the last reset.
+    pub hwm_bytes: Option<u64>,
+}
+
+/// Parses the `VmRSS` and `VmHWM` lines (`VmHWM:\t  123456 kB`) of a status file.
+pub fn parse_status(text: &str) -> StatusMemory {
+    let mut memory = StatusMemory::default();
+    for line in text.lines() {
+        let Some((key, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let slot = match key {
+            "VmRSS" => &mut memory.rss_bytes,
+            "VmHWM" => &mut memory.hwm_bytes,
+            _ => continue,
+        };
+        *slot = parse_kib_field(rest);
+    }
+    memory
+}
+
+fn parse_kib_field(rest: &str) -> Option<u64> {
+    let mut words = rest.split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => value.checked_mul(1024),
+        Some(_) => None,
+    }
+}
+
+/// Parses the resident page count (second field) of `/proc/<pid>/statm` into bytes.
+pub fn parse_statm(text: &str, page_size: u64) -> Option<u64> {
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
+    pages.checked_mul(page_size)
+}
+
+/// Parses the numeric directory names of `/proc/self/task` (thread ids).
+pub fn parse_task_ids<I: IntoIterator<Item = String>>(names: I) -> Vec<u64> {
+    let mut ids: Vec<u64> = names.into_iter().filter_map(|n| n.parse().ok()).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[cfg(target_os = "linux")]
+mod os {
+    use super::*;
+    use std::fs;
+
+    pub fn status_memory(pid: Option<u32>) -> Option<StatusMemory> {
+        let path = match pid {
+            Some(pid) => format!("/proc/{pid}/status"),
+            None => "/proc/self/status".to_owned(),
+        };
+        fs::read_to_string(path)
+            .ok()
+            .map(|text| parse_status(&text))
+    }
+
+    pub fn resident_bytes(pid: Option<u32>) -> Option<u64> {
+        let path = match pid {
+            Some(pid) => format!("/proc/{pid}/statm"),
+            None => "/proc/self/statm".to_owned(),
+        };
+        let text = fs::read_to_string(path).ok()?;
+        parse_statm(&text, crate::ffi::page_size())
+    }
+
+    pub fn reset_peak_resident() -> io::Result<()> {
+        // Writing 5 resets VmHWM to the current RSS without touching page tables (proc(5)).
+        fs::write("/proc/self/clear_refs", "5")
+    }
+
+    pub fn thread_ids() -> Option<Vec<u64>> {
+        let entries = fs::read_dir("/proc/self/task").ok()?;
+        let names = entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok());
+        Some(parse_task_ids(names))
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod os {
+    use super::*;
+
+    pub fn status_memory(_pid: Option<u32>) -> Option<StatusMemory> {
+        None
+    }
+
+    pub fn resident_bytes(_pid: Option<u32>) -> Option<u64> {
+        None
+    }
+
+    pub fn reset_peak_resident() -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "resetting the peak RSS needs Linux's /proc/self/clear_refs",
+        ))
+    }
+
+    pub fn thread_ids() -> Option<Vec<u64>> {
+        None
+    }
+}
+
+/// `VmRSS` and `VmHWM` of this process (or of `pid`), where the OS tells them.
+pub fn status_memory(pid: Option<u32>) -> Option<StatusMemory> {
+    os::status_memory(pid)
+}
+
+/// The resident set size now, from the cheap `statm` file (for sampling).
+pub fn resident_bytes(pid: Option<u32>) -> Option<u64> {
+    os::resident_bytes(pid)
+}
+
+/// Resets this process's `VmHWM` to its current RSS. Refused in some containers.
+pub fn reset_peak_resident() -> io::Result<()> {
+    os::reset_peak_resident()
+}
+
+/// The OS ids of every thread of this process, sorted, where the OS lists them.
+pub fn thread_ids() -> Option<Vec<u64>> {
+    os::thread_ids()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Name:\tpython3\nUmask:\t0022\nState:\tR (running)\n\
+        VmPeak:\t  300000 kB\nVmSize:\t  290000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t   65432 kB\n\
+        RssAnon:\t   40000 kB\nThreads:\t1\n";
+
+    #[test]
+    fn parses_rss_and_high_water_mark() {
+        let memory = parse_status(STATUS);
+        assert_eq!(memory.hwm_bytes, Some(123_456 * 1024));
+        assert_eq!(memory.rss_bytes, Some(65_432 * 1024));
+    }
+
+    #[test]
+    fn missing_or_malformed_fields_are_none() {
+        assert_eq!(parse_status(""), StatusMemory::default());
+        let memory = parse_status("VmHWM:\tlots kB\nVmRSS: 12 MB\n");
+        assert_eq!(memory, StatusMemory::default());
+    }
+
+    #[test]
+    fn parses_statm() {
+        assert_eq!(
+            parse_statm("72000 16000 3000 700 0 9000 0\n", 4096),
+            Some(16000 * 4096)
+        );
+        assert_eq!(parse_statm("72000", 4096), None);
+        assert_eq!(parse_statm("", 4096), None);
+    }
+
+    #[test]
+    fn parses_task_ids_sorted() {
+        let names = ["12", "7", "self", "100"].map(String::from);
+        assert_eq!(parse_task_ids(names), vec![7, 12, 100]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn reads_this_process() {
+        let memory = status_memory(None).expect("/proc/self/status");
+        let rss = memory.rss_bytes.expect("VmRSS");
+        assert!(rss > 0 && memory.hwm_bytes.unwrap() >= rss);
+        assert!(resident_bytes(None).unwrap() > 0);
+        assert!(thread_ids().unwrap().contains(&(std::process::id() as u64)));
+    }
+}

@@ -1,0 +1,222 @@
+//! The process RSS over a stretch of time: at its start, at its end, and its high water mark.
+//!
+//! On Linux the high water mark is exact: the kernel keeps it (`VmHWM`) and lets a process reset
+//! it (`/proc/self/clear_refs`, value 5). Where the reset is refused (some containers), or when
+//! `MEMGAUGE_RSS_SAMPLER=1` asks for it, a Rust thread samples the RSS every millisecond instead,
+//! without the GIL, and the figure is marked as sampled. Nested windows share one process-wide
+//! mark: before every reset its value is folded into each open window, so no window loses it.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::proc;
+
+/// What the RSS did during one window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RssFigures {
+    /// The high water mark during the window minus the RSS at its start.
+    pub peak_bytes: Option<u64>,
+    /// The RSS at the end minus the RSS at the start.
+    pub delta_bytes: Option<i64>,
+    /// True when the mark came from sampling rather than from the kernel.
+    pub sampled: bool,
+}
+
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
+
+struct Sampler {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sampler {
+    fn start() -> Sampler {
+        let peak = Arc::new(AtomicU64::new(proc::resident_bytes(None).unwrap_or(0)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("memgauge-rss".to_owned())
+                .spawn(move || {
+                    while !stop.load(Relaxed) {
+                        if let Some(rss) = proc::resident_bytes(None) {
+                            peak.fetch_max(rss, Relaxed);
+                        }
+                        std::thread::sleep(SAMPLE_INTERVAL);
+                    }
+                })
+                .ok()
+        };
+        Sampler { peak, stop, thread }
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+enum Source {
+    Kernel,
+    Sampler(Sampler),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: u64,
+    max_seen: u64,
+}
+
+/// The open windows and where their high water mark comes from.
+#[derive(Default)]
+pub struct RssMonitor {
+    windows: Vec<Option<Window>>,
+    source: Option<Source>,
+    kernel_refused: bool,
+}
+
+impl RssMonitor {
+    fn sampling_forced() -> bool {
+        std::env::var_os("MEMGAUGE_RSS_SAMPLER").is_some_and(|v| v == "1")
+    }
+
+    /// Reads the mark since the last reset, folds it into every open window, and resets it.
+    fn checkpoint(&mut self) {
+        let peak = match &self.source {
+            Some(Source::Kernel) => proc::status_memory(None).and_then(|m| m.hwm_bytes),
+            Some(Source::Sampler(sampler)) => Some(sampler.peak.load(Relaxed)),
+            None => None,
+        };
+        if let Some(peak) = peak {
+            for window in self.windows.iter_mut().flatten() {
+                window.max_seen = window.max_seen.max(peak);
+            }
+        }
+        match &self.source {
+            Some(Source::Kernel) if proc::reset_peak_resident().is_err() => {
+                self.kernel_refused = true;
+                self.source = Some(Source::Sampler(Sampler::start()));
+            }
+            Some(Source::Kernel) => {}
+            Some(Source::Sampler(sampler)) => {
+                sampler
+                    .peak
+                    .store(proc::resident_bytes(None).unwrap_or(0), Relaxed);
+            }
+            None => {}
+        }
+    }
+
+    fn ensure_source(&mut self) {
+        if self.source.is_some() {
+            return;
+        }
+        self.source = if Self::sampling_forced() || self.kernel_refused {
+            Some(Source::Sampler(Sampler::start()))
+        } else {
+            Some(Source::Kernel)
+        };
+    }
+
+    /// Opens a window; None where the OS does not tell the RSS.
+    pub fn open(&mut self) -> Option<usize> {
+        proc::resident_bytes(None)?;
+        self.ensure_source();
+        self.checkpoint();
+        let start = proc::resident_bytes(None)?;
+        let window = Window {
+            start,
+            max_seen: start,
+        };
+        let id = match self.windows.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                self.windows.push(None);
+                self.windows.len() - 1
+            }
+        };
+        self.windows[id] = Some(window);
+        Some(id)
+    }
+
+    /// Closes a window and returns its figures.
+    pub fn close(&mut self, id: usize) -> RssFigures {
+        self.checkpoint();
+        let sampled = matches!(self.source, Some(Source::Sampler(_)));
+        let end = proc::resident_bytes(None);
+        let Some(window) = self.windows.get_mut(id).and_then(Option::take) else {
+            return RssFigures::default();
+        };
+        let max_seen = window.max_seen.max(end.unwrap_or(0));
+        if self.windows.iter().all(Option::is_none) {
+            self.windows.clear();
+            if let Some(Source::Sampler(sampler)) = self.source.take() {
+                sampler.stop();
+            }
+        }
+        RssFigures {
+            peak_bytes: Some(max_seen.saturating_sub(window.start)),
+            delta_bytes: end.map(|end| end as i64 - window.start as i64),
+            sampled,
+        }
+    }
+}
+
+/// The process-wide monitor: the kernel's mark is one per process.
+pub static MONITOR: Mutex<RssMonitor> = Mutex::new(RssMonitor {
+    windows: Vec::new(),
+    source: None,
+    kernel_refused: false,
+});
+
+pub fn open_window() -> Option<usize> {
+    MONITOR.lock().unwrap_or_else(|p| p.into_inner()).open()
+}
+
+pub fn close_window(id: usize) -> RssFigures {
+    MONITOR.lock().unwrap_or_else(|p| p.into_inner()).close(id)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn touch(bytes: usize) -> Vec<u8> {
+        let mut buffer = vec![0u8; bytes];
+        for page in buffer.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        buffer
+    }
+
+    /// One test, not two: the kernel's mark is per process and tests run in parallel threads.
+    #[test]
+    fn peaks_of_single_and_nested_windows() {
+        let mut monitor = RssMonitor::default();
+        let id = monitor.open().unwrap();
+        drop(std::hint::black_box(touch(64 << 20)));
+        let figures = monitor.close(id);
+        let peak = figures.peak_bytes.unwrap();
+        assert!(peak >= 60 << 20, "peak {peak}");
+        assert!(figures.delta_bytes.unwrap() < 8 << 20, "{figures:?}");
+
+        let outer = monitor.open().unwrap();
+        drop(std::hint::black_box(touch(48 << 20)));
+        let inner = monitor.open().unwrap();
+        let inner_figures = monitor.close(inner);
+        let outer_figures = monitor.close(outer);
+        assert!(
+            inner_figures.peak_bytes.unwrap() < 16 << 20,
+            "{inner_figures:?}"
+        );
+        assert!(
+            outer_figures.peak_bytes.unwrap() >= 44 << 20,
+            "{outer_figures:?}"
+        );
+    }
+}

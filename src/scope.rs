@@ -1,0 +1,159 @@
+//! A measurement scope: the traced figures of a stretch of Python code and what the process RSS
+//! did over the same stretch, side by side.
+//!
+//! Traced bytes are exact and deterministic (what Python and NumPy asked for); RSS is what the
+//! OS gave the process, native libraries included, and moves with the allocator's caching.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use pyo3::prelude::*;
+
+use crate::ffi::{self, SiteLocation};
+use crate::rss;
+use crate::tracker::TrackerError;
+
+/// A `file:line` and the bytes it held at the scope's peak.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteBytes {
+    pub location: SiteLocation,
+    pub bytes: u64,
+}
+
+/// What a scope measured.
+#[derive(Debug, Clone, Default)]
+pub struct Measurement {
+    pub peak_bytes: u64,
+    pub leaked_bytes: u64,
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+    pub rss_peak_bytes: Option<u64>,
+    pub rss_delta_bytes: Option<i64>,
+    pub rss_sampled: bool,
+    pub numpy_traced: bool,
+    pub duration_s: f64,
+    /// The lines that held the most at the peak, largest first.
+    pub top_sites: Vec<SiteBytes>,
+}
+
+/// An open measurement. Close it with [`Scope::close`]; dropping it closes it too.
+pub struct Scope {
+    slot: Option<usize>,
+    rss_window: Option<usize>,
+    started: Instant,
+    top_sites: usize,
+}
+
+/// The OS ids of the threads running now: the ones a new scope does not follow.
+fn running_threads(py: Python<'_>) -> Vec<u64> {
+    let mut ids = crate::proc::thread_ids().unwrap_or_default();
+    // Python's own list covers platforms without /proc.
+    let python_ids = py
+        .import("threading")
+        .and_then(|threading| threading.call_method0("enumerate"))
+        .and_then(|threads| {
+            threads
+                .try_iter()?
+                .map(|thread| thread?.getattr("native_id")?.extract::<Option<u64>>())
+                .collect::<PyResult<Vec<_>>>()
+        })
+        .unwrap_or_default();
+    ids.extend(python_ids.into_iter().flatten());
+    ids
+}
+
+impl Scope {
+    /// Opens a scope on the calling thread, reporting up to `top_sites` lines at the peak.
+    pub fn open(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
+        let threads_before = running_threads(py);
+        let opener = ffi::current_thread_id();
+        let rss_window = rss::open_window();
+        let started = Instant::now();
+        let slot = ffi::with_engine(py, |engine| {
+            engine.tracker.open_scope(opener, threads_before)
+        });
+        let slot = match slot {
+            Ok(slot) => slot,
+            Err(error) => {
+                if let Some(window) = rss_window {
+                    rss::close_window(window);
+                }
+                return Err(error);
+            }
+        };
+        Ok(Scope {
+            slot: Some(slot),
+            rss_window,
+            started,
+            top_sites,
+        })
+    }
+
+    /// Closes the scope and returns its figures.
+    pub fn close(mut self, py: Python<'_>) -> Measurement {
+        self.finish(py)
+    }
+
+    fn finish(&mut self, py: Python<'_>) -> Measurement {
+        let Some(slot) = self.slot.take() else {
+            return Measurement::default();
+        };
+        let numpy_traced = ffi::numpy_traced();
+        let figures =
+            ffi::with_engine(py, |engine| engine.tracker.close_scope(slot)).unwrap_or_default();
+        let duration_s = self.started.elapsed().as_secs_f64();
+        let rss = self
+            .rss_window
+            .take()
+            .map(rss::close_window)
+            .unwrap_or_default();
+
+        // Resolving a site calls Python; the largest few hundred decide the top lines.
+        let ids: Vec<_> = figures
+            .sites_at_peak
+            .iter()
+            .take(256)
+            .map(|&(id, _)| id)
+            .collect();
+        let locations = ffi::locate_sites(py, &ids);
+        ffi::release_sites_if_idle(py);
+        let mut merged: HashMap<SiteLocation, u64> = HashMap::new();
+        for (location, &(_, bytes)) in locations.into_iter().zip(&figures.sites_at_peak) {
+            *merged.entry(location).or_default() += bytes;
+        }
+        let mut top_sites: Vec<SiteBytes> = merged
+            .into_iter()
+            .map(|(location, bytes)| SiteBytes { location, bytes })
+            .collect();
+        top_sites.sort_by(|a, b| {
+            b.bytes
+                .cmp(&a.bytes)
+                .then_with(|| a.location.file.cmp(&b.location.file))
+                .then(a.location.line.cmp(&b.location.line))
+        });
+        top_sites.truncate(self.top_sites);
+
+        Measurement {
+            peak_bytes: figures.peak_bytes,
+            leaked_bytes: figures.leaked_bytes,
+            allocated_bytes: figures.allocated_bytes,
+            allocations: figures.allocations,
+            rss_peak_bytes: rss.peak_bytes,
+            rss_delta_bytes: rss.delta_bytes,
+            rss_sampled: rss.sampled,
+            numpy_traced,
+            duration_s,
+            top_sites,
+        }
+    }
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        if self.slot.is_some() {
+            Python::attach(|py| {
+                self.finish(py);
+            });
+        }
+    }
+}

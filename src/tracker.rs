@@ -1,0 +1,464 @@
+//! Exact accounting of traced memory: which blocks are alive, which open scopes each one counts
+//! in, and every scope's live bytes, high water mark and per-site figures at that mark.
+//!
+//! Pure Rust, fed by the allocator hooks and tested here without Python. The model is the one
+//! tracemalloc and memray use: a block counts in a scope when it was allocated inside the scope by
+//! a thread the scope follows; a realloc is a free of the old block and an allocation of the new
+//! one. Frees of blocks the tracker never saw change nothing.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// How many scopes may be open at once (one bit each in a block's scope mask).
+pub const MAX_SCOPES: usize = 32;
+
+/// An allocation site: an index into the hooks' site table. 0 is "no Python frame".
+pub type SiteId = u32;
+pub const NATIVE_SITE: SiteId = 0;
+
+/// The bit set of open scopes: bit `i` is scope slot `i`.
+pub type ScopeMask = u32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub size: usize,
+    /// How many scopes had been opened when the block was allocated; a scope counts the block
+    /// only when it was opened no later (`scope.epoch <= block.epoch`).
+    epoch: u32,
+    site: SiteId,
+    /// The scopes whose threads allocated it.
+    mask: ScopeMask,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct SiteCounter {
+    live: u64,
+    /// The live bytes at the scope's latest peak, valid when `version == scope.peak_version`.
+    at_peak: u64,
+    version: u64,
+}
+
+impl SiteCounter {
+    /// Saves the value at the latest peak before the first change since that peak: a site not
+    /// touched since the peak still holds, in `live`, what it held then. This makes recording
+    /// the sites at the peak O(1) per allocation instead of a copy of all sites at every peak.
+    fn touch(&mut self, peak_version: u64) -> &mut Self {
+        if self.version < peak_version {
+            self.at_peak = self.live;
+            self.version = peak_version;
+        }
+        self
+    }
+
+    fn bytes_at_peak(&self, peak_version: u64) -> u64 {
+        if self.version < peak_version {
+            self.live
+        } else {
+            self.at_peak
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ScopeState {
+    epoch: u32,
+    /// The OS id of the thread that opened the scope, and the threads that were running then
+    /// (sorted): those do not count, threads started later do.
+    opener_thread: u64,
+    threads_before: Vec<u64>,
+    live: u64,
+    peak: u64,
+    allocated: u64,
+    allocations: u64,
+    peak_version: u64,
+    sites: Vec<SiteCounter>,
+}
+
+impl ScopeState {
+    fn site(&mut self, site: SiteId) -> &mut SiteCounter {
+        let index = site as usize;
+        if index >= self.sites.len() {
+            self.sites.resize(index + 1, SiteCounter::default());
+        }
+        self.sites[index].touch(self.peak_version)
+    }
+
+    fn follows(&self, thread: u64) -> bool {
+        thread == self.opener_thread || self.threads_before.binary_search(&thread).is_err()
+    }
+}
+
+/// What a scope measured, in traced bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScopeFigures {
+    pub peak_bytes: u64,
+    pub leaked_bytes: u64,
+    pub allocated_bytes: u64,
+    pub allocations: u64,
+    /// Bytes each site held at the peak, largest first; they add up to `peak_bytes`.
+    pub sites_at_peak: Vec<(SiteId, u64)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TrackerError {
+    #[error("more than {MAX_SCOPES} measurement scopes are open at once")]
+    TooManyScopes,
+    #[error("measurement scope {0} is not open")]
+    NotOpen(usize),
+}
+
+/// A fast hash for addresses and site keys: a folded 128-bit multiply, good in the high and the
+/// low bits (the table indexes by the low ones). SipHash would double the hooks' cost.
+#[derive(Default, Clone, Copy)]
+pub struct FoldHasher(u64);
+
+impl Hasher for FoldHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        let product = u128::from(self.0 ^ value) * 0x9E37_79B9_7F4A_7C15;
+        self.0 = (product as u64) ^ ((product >> 64) as u64);
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.write_u64(value as u64);
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.write_u64(u64::from(value));
+    }
+
+    fn write_i32(&mut self, value: i32) {
+        self.write_u64(value as u32 as u64);
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FoldHasher>>;
+
+#[derive(Default)]
+pub struct Tracker {
+    blocks: FastMap<usize, Block>,
+    scopes: [Option<ScopeState>; MAX_SCOPES],
+    open_mask: ScopeMask,
+    epochs_opened: u32,
+}
+
+fn slots(mask: ScopeMask) -> impl Iterator<Item = usize> {
+    (0..MAX_SCOPES).filter(move |slot| mask & (1 << slot) != 0)
+}
+
+impl Tracker {
+    pub fn open_mask(&self) -> ScopeMask {
+        self.open_mask
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.open_mask == 0
+    }
+
+    /// Opens a scope followed by `opener_thread` and by threads not in `threads_before`.
+    pub fn open_scope(
+        &mut self,
+        opener_thread: u64,
+        mut threads_before: Vec<u64>,
+    ) -> Result<usize, TrackerError> {
+        let slot = (!self.open_mask).trailing_zeros() as usize;
+        if slot >= MAX_SCOPES {
+            return Err(TrackerError::TooManyScopes);
+        }
+        threads_before.sort_unstable();
+        self.epochs_opened += 1;
+        self.scopes[slot] = Some(ScopeState {
+            epoch: self.epochs_opened,
+            opener_thread,
+            threads_before,
+            ..ScopeState::default()
+        });
+        self.open_mask |= 1 << slot;
+        Ok(slot)
+    }
+
+    /// Closes a scope and returns its figures. When the last scope closes, every record goes.
+    pub fn close_scope(&mut self, slot: usize) -> Result<ScopeFigures, TrackerError> {
+        let scope = self
+            .scopes
+            .get_mut(slot)
+            .and_then(Option::take)
+            .ok_or(TrackerError::NotOpen(slot))?;
+        self.open_mask &= !(1 << slot);
+        if self.open_mask == 0 {
+            self.blocks = FastMap::default();
+        }
+        let mut sites_at_peak: Vec<(SiteId, u64)> = scope
+            .sites
+            .iter()
+            .enumerate()
+            .map(|(site, counter)| (site as SiteId, counter.bytes_at_peak(scope.peak_version)))
+            .filter(|&(_, bytes)| bytes > 0)
+            .collect();
+        sites_at_peak.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        Ok(ScopeFigures {
+            peak_bytes: scope.peak,
+            leaked_bytes: scope.live,
+            allocated_bytes: scope.allocated,
+            allocations: scope.allocations,
+            sites_at_peak,
+        })
+    }
+
+    /// Which open scopes follow the thread `thread`.
+    pub fn membership(&self, thread: u64) -> ScopeMask {
+        slots(self.open_mask)
+            .filter(|&slot| {
+                self.scopes[slot]
+                    .as_ref()
+                    .is_some_and(|s| s.follows(thread))
+            })
+            .fold(0, |mask, slot| mask | (1 << slot))
+    }
+
+    /// Records a new block allocated by a thread that the scopes in `mask` follow.
+    pub fn on_alloc(&mut self, address: usize, size: usize, site: SiteId, mask: ScopeMask) {
+        let mask = mask & self.open_mask;
+        if mask == 0 {
+            return;
+        }
+        let block = Block {
+            size,
+            epoch: self.epochs_opened,
+            site,
+            mask,
+        };
+        if let Some(stale) = self.blocks.insert(address, block) {
+            // The address was freed where no hook saw it (a hook was bypassed): forget it.
+            self.discharge(&stale);
+        }
+        let bytes = size as u64;
+        for slot in slots(mask) {
+            let Some(scope) = self.scopes[slot].as_mut() else {
+                continue;
+            };
+            scope.allocations += 1;
+            scope.allocated += bytes;
+            scope.live += bytes;
+            scope.site(site).live += bytes;
+            if scope.live > scope.peak {
+                scope.peak = scope.live;
+                scope.peak_version += 1;
+            }
+        }
+    }
+
+    /// Forgets a freed block; returns it when the tracker knew it.
+    pub fn on_free(&mut self, address: usize) -> Option<Block> {
+        let block = self.blocks.remove(&address)?;
+        self.discharge(&block);
+        Some(block)
+    }
+
+    /// Puts back a block taken by [`Tracker::on_free`] whose realloc failed.
+    pub fn restore(&mut self, address: usize, block: Block) {
+        if let Some(stale) = self.blocks.insert(address, block) {
+            self.discharge(&stale);
+        }
+        let bytes = block.size as u64;
+        self.each_counting_scope(&block, |scope| {
+            scope.live += bytes;
+            scope.site(block.site).live += bytes;
+        });
+    }
+
+    fn discharge(&mut self, block: &Block) {
+        let bytes = block.size as u64;
+        self.each_counting_scope(block, |scope| {
+            scope.live = scope.live.saturating_sub(bytes);
+            let site = scope.site(block.site);
+            site.live = site.live.saturating_sub(bytes);
+        });
+    }
+
+    fn each_counting_scope(&mut self, block: &Block, mut apply: impl FnMut(&mut ScopeState)) {
+        for slot in slots(block.mask & self.open_mask) {
+            if let Some(scope) = self.scopes[slot].as_mut() {
+                if scope.epoch <= block.epoch {
+                    apply(scope);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ME: u64 = 1;
+
+    fn open(tracker: &mut Tracker) -> usize {
+        tracker.open_scope(ME, vec![ME, 2]).unwrap()
+    }
+
+    fn all(tracker: &Tracker) -> ScopeMask {
+        tracker.membership(ME)
+    }
+
+    #[test]
+    fn peak_leak_and_sites_at_the_peak() {
+        let mut tracker = Tracker::default();
+        let slot = open(&mut tracker);
+        let mask = all(&tracker);
+        tracker.on_alloc(0x1000, 8_000_056, 1, mask);
+        tracker.on_alloc(0x2000, 72_000_056, 2, mask);
+        tracker.on_free(0x2000);
+        tracker.on_alloc(0x3000, 100, 3, mask);
+        let figures = tracker.close_scope(slot).unwrap();
+        assert_eq!(figures.peak_bytes, 80_000_112);
+        assert_eq!(figures.leaked_bytes, 8_000_156);
+        assert_eq!(figures.allocated_bytes, 80_000_212);
+        assert_eq!(figures.allocations, 3);
+        assert_eq!(figures.sites_at_peak, vec![(2, 72_000_056), (1, 8_000_056)]);
+        assert!(tracker.is_idle());
+    }
+
+    #[test]
+    fn one_at_a_time_peaks_at_one() {
+        let mut tracker = Tracker::default();
+        let slot = open(&mut tracker);
+        let mask = all(&tracker);
+        for _ in 0..10 {
+            tracker.on_alloc(0x1000, 10_000_000, 1, mask);
+            tracker.on_free(0x1000);
+        }
+        let figures = tracker.close_scope(slot).unwrap();
+        assert_eq!(figures.peak_bytes, 10_000_000);
+        assert_eq!(figures.leaked_bytes, 0);
+        assert_eq!(figures.sites_at_peak, vec![(1, 10_000_000)]);
+    }
+
+    #[test]
+    fn unknown_frees_change_nothing() {
+        let mut tracker = Tracker::default();
+        let slot = open(&mut tracker);
+        assert_eq!(tracker.on_free(0xdead), None);
+        tracker.on_alloc(0x1000, 64, 1, all(&tracker));
+        assert_eq!(tracker.on_free(0xbeef), None);
+        let figures = tracker.close_scope(slot).unwrap();
+        assert_eq!((figures.peak_bytes, figures.leaked_bytes), (64, 64));
+    }
+
+    #[test]
+    fn nested_scopes_measure_their_own_stretch() {
+        let mut tracker = Tracker::default();
+        let outer = open(&mut tracker);
+        tracker.on_alloc(0x1000, 1000, 1, all(&tracker));
+        let inner = open(&mut tracker);
+        // A free inside the inner scope of a block from before it does not lower the inner one.
+        tracker.on_free(0x1000);
+        tracker.on_alloc(0x2000, 300, 2, all(&tracker));
+        let inner_figures = tracker.close_scope(inner).unwrap();
+        assert_eq!(inner_figures.peak_bytes, 300);
+        assert_eq!(inner_figures.leaked_bytes, 300);
+        tracker.on_alloc(0x3000, 50, 3, all(&tracker));
+        let outer_figures = tracker.close_scope(outer).unwrap();
+        assert_eq!(outer_figures.peak_bytes, 1000);
+        assert_eq!(outer_figures.leaked_bytes, 350);
+        assert_eq!(outer_figures.allocations, 3);
+    }
+
+    #[test]
+    fn reused_slot_does_not_count_older_blocks() {
+        let mut tracker = Tracker::default();
+        let outer = open(&mut tracker);
+        let first = open(&mut tracker);
+        tracker.on_alloc(0x1000, 500, 1, all(&tracker));
+        tracker.close_scope(first).unwrap();
+        let second = open(&mut tracker);
+        assert_eq!(first, second);
+        tracker.on_free(0x1000);
+        let figures = tracker.close_scope(second).unwrap();
+        assert_eq!((figures.peak_bytes, figures.leaked_bytes), (0, 0));
+        assert_eq!(tracker.close_scope(outer).unwrap().leaked_bytes, 0);
+    }
+
+    #[test]
+    fn threads_running_before_the_scope_do_not_count() {
+        let mut tracker = Tracker::default();
+        let slot = tracker.open_scope(ME, vec![ME, 2]).unwrap();
+        assert_eq!(tracker.membership(2), 0);
+        assert_eq!(tracker.membership(3), 1 << slot);
+        tracker.on_alloc(0x1000, 10, 1, tracker.membership(2));
+        tracker.on_alloc(0x2000, 20, 1, tracker.membership(3));
+        assert_eq!(tracker.close_scope(slot).unwrap().peak_bytes, 20);
+    }
+
+    #[test]
+    fn failed_realloc_restores_the_block() {
+        let mut tracker = Tracker::default();
+        let slot = open(&mut tracker);
+        tracker.on_alloc(0x1000, 40, 1, all(&tracker));
+        let block = tracker.on_free(0x1000).unwrap();
+        tracker.restore(0x1000, block);
+        tracker.on_free(0x1000);
+        let figures = tracker.close_scope(slot).unwrap();
+        assert_eq!(
+            (
+                figures.peak_bytes,
+                figures.leaked_bytes,
+                figures.allocations
+            ),
+            (40, 0, 1)
+        );
+    }
+
+    #[test]
+    fn too_many_scopes_is_an_error() {
+        let mut tracker = Tracker::default();
+        for _ in 0..MAX_SCOPES {
+            open(&mut tracker);
+        }
+        assert_eq!(
+            tracker.open_scope(ME, vec![]),
+            Err(TrackerError::TooManyScopes)
+        );
+        assert_eq!(tracker.close_scope(99), Err(TrackerError::NotOpen(99)));
+    }
+
+    proptest::proptest! {
+        /// Whatever the order of allocations and frees, the sites at the peak add up to the peak,
+        /// and the peak and the leak match a direct replay.
+        #[test]
+        fn sites_at_peak_add_up(ops in proptest::collection::vec((0usize..16, 1usize..5000, 0u32..6, proptest::bool::ANY), 1..200)) {
+            let mut tracker = Tracker::default();
+            let slot = open(&mut tracker);
+            let mask = all(&tracker);
+            let mut live = std::collections::HashMap::new();
+            let (mut current, mut peak) = (0u64, 0u64);
+            for (address, size, site, free) in ops {
+                if free {
+                    if let Some(size) = live.remove(&address) { current -= size as u64; }
+                    tracker.on_free(address);
+                } else {
+                    if let Some(old) = live.insert(address, size) { current -= old as u64; }
+                    current += size as u64;
+                    peak = peak.max(current);
+                    tracker.on_alloc(address, size, site, mask);
+                }
+            }
+            let figures = tracker.close_scope(slot).unwrap();
+            proptest::prop_assert_eq!(figures.peak_bytes, peak);
+            proptest::prop_assert_eq!(figures.leaked_bytes, current);
+            let sum: u64 = figures.sites_at_peak.iter().map(|s| s.1).sum();
+            proptest::prop_assert_eq!(sum, peak);
+        }
+    }
+}

@@ -1,0 +1,310 @@
+"""The measurement engine against ground truth each test creates."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import tracemalloc
+
+import pytest
+
+import memgauge
+
+MiB = 2**20
+KEEP: list[object] = []
+
+
+def within(actual: int, expected: int, tolerance: float) -> bool:
+    return abs(actual - expected) <= expected * tolerance
+
+
+def test_bytearray_peak_is_exact_and_nothing_leaks():
+    with memgauge.measure() as m:
+        data = bytearray(100 * MiB)
+        del data
+    assert within(m.peak_bytes, 104_857_600, 0.01), m
+    assert m.leaked_bytes < 64 * 1024, m
+    assert m.allocated_bytes >= 100 * MiB
+    assert m.allocations >= 1
+
+
+def memory_profiler_example():
+    a = [1] * 1_000_000
+    b = [2] * 9_000_000
+    del b
+    return a
+
+
+def test_memory_profiler_example_peak_and_top_sites():
+    with memgauge.measure() as m:
+        memory_profiler_example()
+    assert within(m.peak_bytes, 80_000_112, 0.01), m
+    code = memory_profiler_example.__code__
+    top_two = [(site["file"], site["line"]) for site in m.top_sites[:2]]
+    assert top_two == [
+        (code.co_filename, code.co_firstlineno + 2),
+        (code.co_filename, code.co_firstlineno + 1),
+    ], m.top_sites
+    assert m.top_sites[0]["function"] == "memory_profiler_example"
+    assert within(m.top_sites[0]["bytes"], 72_000_056, 0.01)
+    assert within(m.top_sites[1]["bytes"], 8_000_056, 0.01)
+
+
+def test_sites_add_up_to_the_peak():
+    def churn():
+        keep = [{"key": str(i), "value": (i, i + 1)} for i in range(20_000)]
+        blob = b"x" * 3_000_000
+        return keep, blob
+
+    with memgauge.measure(top_sites=50) as m:
+        churn()
+    total = sum(site["bytes"] for site in m.top_sites)
+    assert within(total, m.peak_bytes, 0.01), (total, m)
+
+
+def test_numpy_array_buffers_count():
+    np = pytest.importorskip("numpy")
+    with memgauge.measure() as m:
+        array = np.ones(25_000_000)
+        del array
+    assert m.numpy_traced
+    assert within(m.peak_bytes, 200_000_000, 0.01), m
+    assert m.leaked_bytes < 64 * 1024, m
+
+
+def test_one_buffer_alive_at_a_time_peaks_at_one():
+    with memgauge.measure() as m:
+        for _ in range(10):
+            data = bytes(10_000_000)
+            del data
+    assert m.peak_bytes < 11_000_000, m
+    assert m.allocated_bytes >= 100_000_000, m
+
+
+def test_what_stays_referenced_is_leaked():
+    with memgauge.measure() as m:
+        KEEP.append([1] * 10_000_000)
+    KEEP.clear()
+    assert within(m.leaked_bytes, 80_000_056, 0.01), m
+
+
+def test_rss_peak_sees_native_malloc():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    with memgauge.measure() as m:
+        block = libc.malloc(100 * MiB)
+        libc.memset(block, 1, 100 * MiB)
+        libc.free(block)
+    assert m.rss_peak_bytes is not None
+    assert within(m.rss_peak_bytes, 100 * MiB, 0.10), m
+    assert not m.rss_sampled
+    # Tracing cannot see libc's malloc: that is what the RSS figures are for.
+    assert m.peak_bytes < MiB, m
+
+
+def test_threads_started_inside_count_and_threads_from_before_do_not():
+    stop = threading.Event()
+    running = threading.Event()
+
+    def busy_from_before():
+        while not stop.is_set():
+            data = bytearray(50 * MiB)
+            running.set()
+            del data
+
+    before = threading.Thread(target=busy_from_before)
+    before.start()
+    running.wait()
+    try:
+        with memgauge.measure() as m:
+            inside = threading.Thread(target=lambda: KEEP.append(bytearray(50 * MiB)))
+            inside.start()
+            inside.join()
+            # Give the old thread time to allocate while the scope is open.
+            for _ in range(20):
+                running.clear()
+                running.wait()
+    finally:
+        stop.set()
+        before.join()
+    KEEP.clear()
+    assert within(m.peak_bytes, 50 * MiB, 0.01), m
+    assert within(m.leaked_bytes, 50 * MiB, 0.01), m
+
+
+def test_repeated_scopes_are_deterministic():
+    def workload():
+        rows = [{"id": i, "name": f"row-{i}", "tags": ("a", "b")} for i in range(50_000)]
+        return len(rows)
+
+    peaks = []
+    for _ in range(5):
+        with memgauge.measure() as m:
+            workload()
+        peaks.append(m.peak_bytes)
+    assert max(peaks) - min(peaks) <= 0.001 * max(peaks), peaks
+
+
+def test_nested_scopes_measure_their_own_stretch():
+    with memgauge.measure() as outer:
+        first = bytearray(30 * MiB)
+        with memgauge.measure() as inner:
+            del first  # allocated before the inner scope: does not lower it
+            second = bytearray(10 * MiB)
+        del second
+    assert within(inner.peak_bytes, 10 * MiB, 0.01), inner
+    assert within(inner.leaked_bytes, 10 * MiB, 0.01), inner
+    assert within(outer.peak_bytes, 30 * MiB, 0.01), outer
+    assert outer.leaked_bytes < 64 * 1024, outer
+
+
+def test_memory_from_before_the_scope_does_not_disturb_it():
+    old = [bytearray(MiB) for _ in range(20)]
+    with memgauge.measure() as m:
+        old.clear()  # frees 20 MiB the engine never saw
+        grown = bytearray(MiB)
+    assert within(m.peak_bytes, MiB, 0.01), m
+    assert within(m.leaked_bytes, MiB, 0.01), m
+    del grown
+
+
+def test_the_engine_does_not_count_its_own_reports():
+    with memgauge.measure() as outer:
+        for _ in range(50):
+            with memgauge.measure(top_sites=100) as inner:
+                junk = [str(i) for i in range(100)]
+                del junk
+            inner.top_sites  # noqa: B018 - builds result dicts inside the outer scope
+    assert outer.leaked_bytes < 512 * 1024, outer
+
+
+def test_raw_domain_allocations_without_the_gil_from_many_threads():
+    import zlib
+
+    payload = os.urandom(4 * MiB)
+
+    def compress():
+        for _ in range(5):
+            zlib.compress(payload, 1)
+
+    with memgauge.measure() as m:
+        threads = [threading.Thread(target=compress) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert m.allocations > 0
+    assert m.leaked_bytes < MiB, m
+
+
+def test_generators_closures_and_exceptions_under_tracing():
+    def make_counter():
+        count = 0
+
+        def bump():
+            nonlocal count
+            count += 1
+            return [count] * 10
+
+        return bump
+
+    with memgauge.measure() as m:
+        total = sum(len(list(x for x in range(i))) for i in range(200))
+        bump = make_counter()
+        lists = [bump() for _ in range(1000)]
+        for _ in range(100):
+            try:
+                raise ValueError("x" * 100)
+            except ValueError:
+                pass
+    assert total == sum(range(200))
+    assert len(lists) == 1000
+    assert m.peak_bytes > 1000 * 56
+
+
+def test_coexists_with_tracemalloc():
+    with memgauge.measure() as m:
+        tracemalloc.start()
+        data = bytearray(5 * MiB)
+        tracemalloc.stop()
+        del data
+    assert within(m.peak_bytes, 5 * MiB, 0.02), m
+    # Ours stayed in tracemalloc's chain; both now gone, a new scope still works.
+    with memgauge.measure() as again:
+        data = bytearray(3 * MiB)
+        del data
+    assert within(again.peak_bytes, 3 * MiB, 0.01), again
+
+
+def test_figures_before_the_end_are_an_error():
+    scope = memgauge.measure()
+    with pytest.raises(RuntimeError, match="not started"):
+        scope.peak_bytes  # noqa: B018
+    scope.start()
+    with pytest.raises(RuntimeError, match="still open"):
+        scope.peak_bytes  # noqa: B018
+    with pytest.raises(RuntimeError, match="already running"):
+        scope.start()
+    scope.stop()
+    assert scope.peak_bytes >= 0
+    with pytest.raises(RuntimeError, match="not running"):
+        scope.stop()
+
+
+def run_python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_works_without_numpy():
+    out = run_python(
+        """
+        import sys
+        sys.modules["numpy"] = None  # an import of numpy now fails
+        import memgauge
+        with memgauge.measure() as m:
+            data = bytearray(2**20)
+        print(m.peak_bytes, m.numpy_traced)
+        """
+    )
+    peak, numpy_traced = out.split()
+    assert within(int(peak), 2**20, 0.01)
+    assert numpy_traced == "False"
+
+
+def test_rss_sampler_fallback_is_marked():
+    out = run_python(
+        """
+        import ctypes, ctypes.util, time, memgauge
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc.restype = ctypes.c_void_p
+        libc.malloc.argtypes = [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        with memgauge.measure() as m:
+            block = libc.malloc(100 * 2**20)
+            libc.memset(block, 1, 100 * 2**20)
+            time.sleep(0.05)  # the sampler's interval is 1 ms
+            libc.free(block)
+        print(m.rss_peak_bytes, m.rss_sampled)
+        """,
+        MEMGAUGE_RSS_SAMPLER="1",
+    )
+    peak, sampled = out.split()
+    assert sampled == "True"
+    assert within(int(peak), 100 * MiB, 0.10), peak
