@@ -62,10 +62,10 @@ pub use python::*;
 
 #[cfg(feature = "python")]
 mod python {
-    use std::cell::Cell;
+    use std::cell::{Cell, UnsafeCell};
     use std::ffi::{c_char, c_int, c_void, CStr};
     use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
-    use std::sync::{Mutex, MutexGuard};
+    use std::ops::{Deref, DerefMut};
 
     use pyo3::ffi;
     use pyo3::prelude::*;
@@ -116,21 +116,78 @@ mod python {
         sites: SiteTable,
     }
 
-    static ENGINE: Mutex<Option<Engine>> = Mutex::new(None);
+    /// A spin lock: the hooks hold it for a few table operations, never across a call into
+    /// Python. Unlike a futex mutex its unlock is a plain store, which the hooks feel.
+    struct SpinLock<T> {
+        locked: AtomicBool,
+        value: UnsafeCell<T>,
+    }
+
+    // SAFETY: `value` is only reached through a guard, and one guard exists at a time.
+    unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+    struct SpinGuard<'a, T>(&'a SpinLock<T>);
+
+    impl<T> SpinLock<T> {
+        fn lock(&self) -> SpinGuard<'_, T> {
+            let mut spins = 0u32;
+            while self
+                .locked
+                .compare_exchange_weak(false, true, Acquire, Relaxed)
+                .is_err()
+            {
+                while self.locked.load(Relaxed) {
+                    spins += 1;
+                    if spins < 100 {
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+            SpinGuard(self)
+        }
+    }
+
+    impl<T> Deref for SpinGuard<'_, T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            // SAFETY: the guard holds the lock.
+            unsafe { &*self.0.value.get() }
+        }
+    }
+
+    impl<T> DerefMut for SpinGuard<'_, T> {
+        fn deref_mut(&mut self) -> &mut T {
+            // SAFETY: the guard holds the lock.
+            unsafe { &mut *self.0.value.get() }
+        }
+    }
+
+    impl<T> Drop for SpinGuard<'_, T> {
+        fn drop(&mut self) {
+            self.0.locked.store(false, Release);
+        }
+    }
+
+    static ENGINE: SpinLock<Option<Engine>> = SpinLock {
+        locked: AtomicBool::new(false),
+        value: UnsafeCell::new(None),
+    };
     /// True while a scope is open: the hooks do nothing else when it is false.
     static ACTIVE: AtomicBool = AtomicBool::new(false);
     /// Bumped when a scope opens or closes, so each thread recomputes which scopes follow it.
     static GENERATION: AtomicU64 = AtomicU64::new(0);
 
-    fn lock() -> MutexGuard<'static, Option<Engine>> {
-        // A poisoned lock only means a panic elsewhere; the counts are still consistent.
-        ENGINE
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn lock() -> SpinGuard<'static, Option<Engine>> {
+        ENGINE.lock()
     }
 
+    /// Per-thread state of the hooks, reached once per hook call.
     struct ThreadState {
+        /// Set while this thread is inside a hook or the engine: nested allocations pass through.
         busy: Cell<bool>,
+        /// The scopes that follow this thread, valid while `generation` is current.
         generation: Cell<u64>,
         mask: Cell<ScopeMask>,
     }
@@ -141,50 +198,49 @@ mod python {
         };
     }
 
-    /// Held while a hook (or the engine itself) works; nested allocations pass through.
-    struct Busy;
+    impl ThreadState {
+        fn cached_mask(&self) -> Option<ScopeMask> {
+            (self.generation.get() == GENERATION.load(Acquire)).then(|| self.mask.get())
+        }
 
-    impl Busy {
-        fn enter() -> Option<Busy> {
-            THREAD
-                .try_with(|state| (!state.busy.replace(true)).then(|| Busy))
-                .ok()
-                .flatten()
+        fn membership(&self, engine: &Engine) -> ScopeMask {
+            if let Some(mask) = self.cached_mask() {
+                return mask;
+            }
+            let generation = GENERATION.load(Acquire);
+            let mask = engine.tracker.membership(current_thread_id());
+            self.generation.set(generation);
+            self.mask.set(mask);
+            mask
         }
     }
 
-    impl Drop for Busy {
-        fn drop(&mut self) {
-            let _ = THREAD.try_with(|state| state.busy.set(false));
+    /// Runs `traced` with this thread's state marked busy, or `untraced` when the thread is
+    /// already busy (a nested call) or is being torn down.
+    fn on_thread<R>(traced: impl FnOnce(&ThreadState) -> R, untraced: impl FnOnce() -> R) -> R {
+        let mut traced = Some(traced);
+        let result = THREAD.try_with(|thread| {
+            if thread.busy.replace(true) {
+                return None;
+            }
+            let result = (traced.take()?)(thread);
+            thread.busy.set(false);
+            Some(result)
+        });
+        match result {
+            Ok(Some(result)) => result,
+            _ => untraced(),
         }
     }
 
     /// Runs `f` with this thread's allocations untraced: for the engine's own work.
     pub fn untraced<R>(f: impl FnOnce() -> R) -> R {
-        let _busy = Busy::enter();
-        f()
-    }
-
-    /// The scopes that follow this thread, from the cache when no scope opened or closed since.
-    fn cached_mask() -> Option<ScopeMask> {
-        let generation = GENERATION.load(Acquire);
-        THREAD
-            .try_with(|state| (state.generation.get() == generation).then(|| state.mask.get()))
-            .ok()
-            .flatten()
-    }
-
-    fn membership(engine: &Engine) -> ScopeMask {
-        if let Some(mask) = cached_mask() {
-            return mask;
+        let was_busy = THREAD.try_with(|thread| thread.busy.replace(true));
+        let result = f();
+        if let Ok(false) = was_busy {
+            let _ = THREAD.try_with(|thread| thread.busy.set(false));
         }
-        let generation = GENERATION.load(Acquire);
-        let mask = engine.tracker.membership(current_thread_id());
-        let _ = THREAD.try_with(|state| {
-            state.generation.set(generation);
-            state.mask.set(mask);
-        });
-        mask
+        result
     }
 
     /// The code object and instruction of the innermost Python frame of this thread.
@@ -214,8 +270,8 @@ mod python {
         }
     }
 
-    fn record_alloc(address: *mut c_void, size: usize, check_gil: bool) {
-        if cached_mask() == Some(0) {
+    fn record_alloc(thread: &ThreadState, address: *mut c_void, size: usize, check_gil: bool) {
+        if thread.cached_mask() == Some(0) {
             return;
         }
         // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
@@ -230,7 +286,7 @@ mod python {
             }
             return;
         };
-        let mask = membership(engine);
+        let mask = thread.membership(engine);
         let site = engine.sites.intern(site);
         engine.tracker.on_alloc(address as usize, size, site, mask);
     }
@@ -242,55 +298,61 @@ mod python {
     fn traced_alloc(
         size: usize,
         check_gil: bool,
-        allocate: impl FnOnce() -> *mut c_void,
+        allocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
         if !ACTIVE.load(Relaxed) {
             return allocate();
         }
-        let Some(_busy) = Busy::enter() else {
-            return allocate();
-        };
-        let address = allocate();
-        if !address.is_null() {
-            record_alloc(address, size, check_gil);
-        }
-        address
+        on_thread(
+            |thread| {
+                let address = allocate();
+                if !address.is_null() {
+                    record_alloc(thread, address, size, check_gil);
+                }
+                address
+            },
+            &allocate,
+        )
     }
 
     fn traced_realloc(
         old: *mut c_void,
         new_size: usize,
         check_gil: bool,
-        reallocate: impl FnOnce() -> *mut c_void,
+        reallocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
         if !ACTIVE.load(Relaxed) {
             return reallocate();
         }
-        let Some(_busy) = Busy::enter() else {
-            return reallocate();
-        };
-        let old_block = if old.is_null() { None } else { forget(old) };
-        let address = reallocate();
-        if !address.is_null() {
-            record_alloc(address, new_size, check_gil);
-        } else if let (Some(block), true) = (old_block, new_size > 0) {
-            // The realloc failed and the old block is still there.
-            if let Some(engine) = lock().as_mut() {
-                engine.tracker.restore(old as usize, block);
-            }
-        }
-        address
+        on_thread(
+            |thread| {
+                let old_block = if old.is_null() { None } else { forget(old) };
+                let address = reallocate();
+                if !address.is_null() {
+                    record_alloc(thread, address, new_size, check_gil);
+                } else if let (Some(block), true) = (old_block, new_size > 0) {
+                    // The realloc failed and the old block is still there.
+                    if let Some(engine) = lock().as_mut() {
+                        engine.tracker.restore(old as usize, block);
+                    }
+                }
+                address
+            },
+            &reallocate,
+        )
     }
 
-    fn traced_free(address: *mut c_void, release: impl FnOnce()) {
+    fn traced_free(address: *mut c_void, release: impl Fn()) {
         if !ACTIVE.load(Relaxed) || address.is_null() {
             return release();
         }
-        let Some(_busy) = Busy::enter() else {
-            return release();
-        };
-        forget(address);
-        release();
+        on_thread(
+            |_| {
+                forget(address);
+                release();
+            },
+            &release,
+        )
     }
 
     // ----- CPython's three allocator domains -----

@@ -145,16 +145,46 @@ impl Hasher for FoldHasher {
 
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FoldHasher>>;
 
+/// The hash of the block table: the address itself in the low bits, so blocks allocated near each
+/// other (pymalloc hands out neighbours from the same pool) sit in neighbouring buckets and the
+/// hooks hit the cache; the top 7 bits, the table's tag byte, are mixed so tags still differ.
+#[derive(Default, Clone, Copy)]
+pub struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut fold = FoldHasher::default();
+        fold.write(bytes);
+        self.0 = fold.finish();
+    }
+
+    fn write_usize(&mut self, address: usize) {
+        let units = (address as u64) >> 4;
+        self.0 = units ^ (units.wrapping_mul(0x9E37_79B9_7F4A_7C15) & (0x7F << 57));
+    }
+}
+
+type BlockMap = HashMap<usize, Block, BuildHasherDefault<AddressHasher>>;
+
 #[derive(Default)]
 pub struct Tracker {
-    blocks: FastMap<usize, Block>,
+    blocks: BlockMap,
     scopes: [Option<ScopeState>; MAX_SCOPES],
     open_mask: ScopeMask,
     epochs_opened: u32,
 }
 
-fn slots(mask: ScopeMask) -> impl Iterator<Item = usize> {
-    (0..MAX_SCOPES).filter(move |slot| mask & (1 << slot) != 0)
+/// The slots whose bits are set in `mask`, lowest first.
+fn slots(mut mask: ScopeMask) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let slot = mask.trailing_zeros() as usize;
+        mask &= mask.wrapping_sub(1);
+        (slot < MAX_SCOPES).then_some(slot)
+    })
 }
 
 impl Tracker {
@@ -197,7 +227,7 @@ impl Tracker {
             .ok_or(TrackerError::NotOpen(slot))?;
         self.open_mask &= !(1 << slot);
         if self.open_mask == 0 {
-            self.blocks = FastMap::default();
+            self.blocks = BlockMap::default();
         }
         let mut sites_at_peak: Vec<(SiteId, u64)> = scope
             .sites
