@@ -1,1 +1,397 @@
+"""The pytest plugin: ``pytest --memprof`` measures every test; ``@pytest.mark.memlimit`` gates one.
+
+One stateful object, registered in ``pytest_configure``; the hooks are its methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+import memgauge
+from memgauge import config as cfg
+
+MEMLIMIT_HELP = """memlimit(peak=None, *, rss=None, leak=None, allocations=None): fail the test when it
+needs more memory. A positional size limits the traced peak: memlimit("50 MiB"). Keywords limit
+the RSS peak (rss=), the bytes still held at the end (leak=) and the number of allocations
+(allocations=). Sizes: a whole number of bytes or a number with a unit: B, KB, MB, GB (powers of
+1000), KiB, MiB, GiB (powers of 1024), case-insensitive, decimals allowed ("1.5 GiB")."""
+
+LIMIT_FIELDS = {
+    "peak": ("peak_bytes", "traced peak"),
+    "rss": ("rss_peak_bytes", "RSS peak"),
+    "leak": ("leaked_bytes", "leaked"),
+    "allocations": ("allocations", "allocations"),
+}
+FIGURES = (
+    "peak_bytes",
+    "leaked_bytes",
+    "allocated_bytes",
+    "allocations",
+    "rss_peak_bytes",
+    "rss_delta_bytes",
+)
+MEASUREMENT_KEY = pytest.StashKey[dict]()
+SCOPE_KEY = pytest.StashKey[Any]()
+RESULTS_SCHEMA = 1
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("memgauge", "memory figures per test (memgauge)")
+    for option in cfg.OPTIONS:
+        kwargs: dict[str, Any] = {"dest": option.dest, "default": None, "help": option.help}
+        if option.kind == "bool":
+            kwargs["action"] = "store_true"
+        elif option.kind == "int":
+            kwargs["type"] = int
+        if option.choices:
+            kwargs["choices"] = option.choices
+        group.addoption(option.flag, **kwargs)
+        parser.addini(option.ini_name, f"memgauge: {option.help}", default=None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MEMLIMIT_HELP.replace("\n", " "))
+    try:
+        settings = Settings.load(config)
+    except ValueError as error:
+        raise pytest.UsageError(f"memgauge: {error}") from None
+    config.pluginmanager.register(MemgaugePlugin(config, settings), "memgauge-plugin")
+
+
+@dataclass
+class Settings:
+    memprof: bool
+    output: Path
+    top: int
+    scope: str
+    default_limit: dict[str, int] | None
+
+    @classmethod
+    def load(cls, config: pytest.Config) -> Settings:
+        pyproject = cfg.read_pyproject(config.rootpath)
+        values: dict[str, Any] = {}
+        for option in cfg.OPTIONS:
+            value = config.getoption(option.dest)
+            if value is None and option.name in pyproject:
+                value = cfg.coerce(option, pyproject[option.name], "[tool.memgauge]")
+            if value is None:
+                ini = config.getini(option.ini_name)
+                value = cfg.coerce(option, ini, f"ini option {option.ini_name}") if ini else None
+            values[option.name] = option.default if value is None else value
+        default_limit = None
+        if values["default-limit"]:
+            default_limit = parse_limits("default-limit", (values["default-limit"],), {})
+        output = Path(values["output"])
+        if not output.is_absolute():
+            output = config.rootpath / output
+        return cls(
+            memprof=bool(values["memprof"]),
+            output=output,
+            top=int(values["top"]),
+            scope=str(values["scope"]),
+            default_limit=default_limit,
+        )
+
+
+def parse_limits(where: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, int]:
+    """The limits of a memlimit marker, in bytes (or a count); ValueError names what is wrong."""
+    if len(args) > 1:
+        raise ValueError(f"{where}: memlimit takes one positional size (the peak), got {args!r}")
+    unknown = set(kwargs) - set(LIMIT_FIELDS)
+    if unknown:
+        allowed = ", ".join(LIMIT_FIELDS)
+        raise ValueError(f"{where}: unknown memlimit keyword {sorted(unknown)}; use {allowed}")
+    given = dict(kwargs)
+    if args:
+        if "peak" in given:
+            raise ValueError(f"{where}: memlimit got the peak twice (positional and peak=)")
+        given["peak"] = args[0]
+    if not given:
+        raise ValueError(f"{where}: memlimit needs a limit, e.g. memlimit('50 MiB')")
+    limits = {}
+    for name, value in given.items():
+        if isinstance(value, bool) or value is None:
+            raise ValueError(f"{where}: memlimit {name}={value!r} is not a size")
+        if isinstance(value, int):
+            if value < 0:
+                raise ValueError(f"{where}: memlimit {name}={value!r} is negative")
+            limits[name] = value
+            continue
+        if name == "allocations" and isinstance(value, str) and value.strip().isdigit():
+            limits[name] = int(value)
+            continue
+        try:
+            limits[name] = memgauge.parse_size(str(value))
+        except ValueError as error:
+            raise ValueError(f"{where}: memlimit {name}={value!r}: {error}") from None
+    return limits
+
+
+def describe(figure: str, value: int) -> str:
+    return str(value) if figure == "allocations" else memgauge.format_size(value)
+
+
+def site_lines(sites: list[dict[str, Any]], indent: str = "  ") -> list[str]:
+    return [
+        f"{indent}{site['file']}:{site['line']} in {site['function']}: "
+        f"{memgauge.format_size(site['bytes'])}"
+        for site in sites
+    ]
+
+
+def check_limits(limits: dict[str, int], measured: dict[str, Any]) -> list[str]:
+    """One line for each limit the measurement is over."""
+    problems = []
+    for name, allowed in limits.items():
+        key, label = LIMIT_FIELDS[name]
+        value = measured.get(key)
+        if value is None:
+            problems.append(f"{label}: not measured on this platform (limit {name}= is unchecked)")
+            continue
+        if value > allowed:
+            over = value - allowed
+            problems.append(
+                f"{label} {describe(name, value)} is over the limit of {describe(name, allowed)} "
+                f"by {describe(name, over)} ({value} > {allowed})"
+            )
+    return problems
+
+
+class MemgaugePlugin:
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.is_worker = hasattr(config, "workerinput")
+        self.results: dict[str, dict[str, Any]] = {}
+        self.limits: dict[str, dict[str, int]] = {}
+        self.paths: dict[str, str] = {}
+        self.stream = None
+        self.locations: dict[str, tuple[str, int | None, str]] = {}
+
+    # ----- collection: read and check every limit up front -----
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        errors = []
+        for item in items:
+            marker = item.get_closest_marker("memlimit")
+            try:
+                if marker is not None:
+                    self.limits[item.nodeid] = parse_limits(item.nodeid, marker.args, marker.kwargs)
+                elif self.settings.default_limit:
+                    self.limits[item.nodeid] = self.settings.default_limit
+            except ValueError as error:
+                errors.append(str(error))
+        if errors:
+            raise pytest.UsageError("memgauge: invalid memory limits:\n" + "\n".join(errors))
+
+    def wants(self, item: pytest.Item) -> bool:
+        return self.settings.memprof or item.nodeid in self.limits
+
+    # ----- measuring -----
+
+    def start(self, item: pytest.Item) -> None:
+        if not self.wants(item) or SCOPE_KEY in item.stash:
+            return
+        scope = memgauge.measure(top_sites=5)
+        try:
+            scope.start()
+        except RuntimeError as error:
+            warnings.warn(f"memgauge: {item.nodeid} not measured: {error}", stacklevel=1)
+            return
+        item.stash[SCOPE_KEY] = scope
+
+    def stop(self, item: pytest.Item) -> None:
+        scope = item.stash.get(SCOPE_KEY, None)
+        if scope is None:
+            return
+        del item.stash[SCOPE_KEY]
+        scope.stop()
+        measured = scope.to_dict()
+        for site in measured["top_sites"]:
+            site["file"] = self.relative(site["file"])
+        item.stash[MEASUREMENT_KEY] = measured
+        for figure in FIGURES:
+            item.user_properties.append((f"memgauge_{figure}", measured[figure]))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_setup(self, item: pytest.Item):
+        if self.settings.scope == "all":
+            self.start(item)
+        return (yield)
+
+    def relative(self, file: str) -> str:
+        """A site's file relative to the rootdir when it is inside it, as pytest shows paths."""
+        try:
+            return Path(file).relative_to(self.config.rootpath).as_posix()
+        except ValueError:
+            return file
+
+    @pytest.hookimpl(wrapper=True, trylast=True)
+    def pytest_runtest_call(self, item: pytest.Item):
+        # pytest_runtest_call runs every kind of item (functions, unittest, doctests), unlike
+        # pytest_pyfunc_call.
+        if self.settings.scope == "call":
+            self.start(item)
+        try:
+            return (yield)
+        finally:
+            if self.settings.scope == "call":
+                self.stop(item)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item):
+        try:
+            return (yield)
+        finally:
+            self.stop(item)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
+        report: pytest.TestReport = yield
+        measured = item.stash.get(MEASUREMENT_KEY, None)
+        when = "call" if self.settings.scope == "call" else "teardown"
+        if measured is None or call.when != when:
+            return report
+        limits = self.limits.get(item.nodeid)
+        record = {**measured, "limits": limits or {}}
+        report.memgauge = record
+        if limits and report.passed:
+            problems = check_limits(limits, measured)
+            if problems:
+                lines = [f"MEMORY: {item.nodeid} needs more memory than allowed:"]
+                lines += [f"  {problem}" for problem in problems]
+                # Sites under 1% of the peak are the test runner's own bookkeeping.
+                floor = measured["peak_bytes"] / 100
+                sites = [s for s in measured["top_sites"] if s["bytes"] >= floor]
+                if sites:
+                    lines.append("Lines holding the most memory at the peak:")
+                    lines += site_lines(sites)
+                report.outcome = "failed"
+                report.longrepr = "\n".join(lines)
+                report.memgauge_exceeded = True
+        return report
+
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config):
+        if getattr(report, "memgauge_exceeded", False):
+            return "failed", "M", ("MEMORY", {"red": True})
+        return None
+
+    # ----- collecting results (the controller, under xdist) -----
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if self.is_worker or not self.settings.memprof:
+            return
+        self.settings.output.parent.mkdir(parents=True, exist_ok=True)
+        # Results stream here as tests finish, so a run that dies still leaves them.
+        self.stream = open(self.partial_path(), "w", encoding="utf-8")  # noqa: SIM115
+        self.write_stream({"event": "session", "environment": environment()})
+
+    def partial_path(self) -> Path:
+        return self.settings.output.with_name(self.settings.output.name + ".partial")
+
+    def write_stream(self, record: dict[str, Any]) -> None:
+        if self.stream is not None:
+            self.stream.write(json.dumps(record) + "\n")
+            self.stream.flush()
+
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int, str]) -> None:
+        self.locations[nodeid] = location
+        self.write_stream({"event": "start", "id": nodeid})
+
+    def result_key(self, report: pytest.TestReport) -> str:
+        """The node id, made unique if two files produce the same one (--pyargs)."""
+        nodeid, path = report.nodeid, str(report.fspath)
+        seen = self.paths.setdefault(nodeid, path)
+        return nodeid if seen == path else f"{path}::{nodeid.split('::', 1)[-1]}"
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.is_worker:
+            return
+        record = getattr(report, "memgauge", None)
+        key = self.result_key(report)
+        if record is not None:
+            file, line, _ = report.location
+            outcome = "passed" if report.passed else "skipped" if report.skipped else "failed"
+            entry = {
+                "outcome": outcome,
+                "file": file,
+                "line": (line or 0) + 1,
+                **record,
+            }
+            self.results[key] = entry
+            self.write_stream({"event": "test", "id": key, **entry})
+        elif report.when == "teardown" and report.failed and key in self.results:
+            self.results[key]["outcome"] = "error"
+            self.write_stream({"event": "test", "id": key, **self.results[key]})
+        elif report.when == "???" and report.failed and self.settings.memprof:
+            # pytest-xdist reports a test whose worker died (killed, out of memory, segfault).
+            file, line, _ = self.locations.get(report.nodeid, report.location)
+            entry = {"outcome": "error", "crashed": True, "file": file, "line": (line or 0) + 1}
+            self.results[key] = entry
+            self.write_stream({"event": "test", "id": key, **entry})
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.is_worker or not self.settings.memprof:
+            return
+        document = {
+            "schema": RESULTS_SCHEMA,
+            "tool": {"name": "memgauge", "version": memgauge.__version__},
+            "environment": environment(),
+            "tests": self.results,
+        }
+        output = self.settings.output
+        temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        with temporary.open("w", encoding="utf-8") as file:
+            json.dump(document, file, indent=1, sort_keys=False)
+            file.write("\n")
+        os.replace(temporary, output)
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+            self.partial_path().unlink(missing_ok=True)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.is_worker or not self.settings.memprof or not self.results:
+            return
+        measured = [(key, r) for key, r in self.results.items() if "peak_bytes" in r]
+        top = sorted(measured, key=lambda item: item[1]["peak_bytes"], reverse=True)
+        top = top[: self.settings.top]
+        write = terminalreporter.write_line
+        terminalreporter.write_sep("=", f"memgauge: {len(top)} tests with the highest peak")
+        write(f"{'peak':>12} {'leaked':>12} {'RSS peak':>12}  test")
+        for key, record in top:
+            rss = record.get("rss_peak_bytes")
+            rss_text = memgauge.format_size(rss) if rss is not None else "n/a"
+            write(
+                f"{memgauge.format_size(record['peak_bytes']):>12} "
+                f"{memgauge.format_size(record['leaked_bytes']):>12} {rss_text:>12}  {key}"
+            )
+        write(
+            "peak and leaked are traced (exact: what Python and NumPy allocated); RSS peak is "
+            "the process's resident memory (includes native libraries)."
+        )
+        write(f"results: {self.settings.output}")
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": sys.platform,
+        "machine": platform.machine(),
+        "system": platform.platform(),
+    }
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        env["numpy"] = getattr(numpy, "__version__", "unknown")
+    return env

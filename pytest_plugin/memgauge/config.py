@@ -1,0 +1,108 @@
+"""Options that can come from the command line, ``[tool.memgauge]`` in pyproject.toml, or the
+pytest ini file: one definition each, so all three mean the same thing (command line wins)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the key in [tool.memgauge] and, prefixed with "memgauge_", in the ini file
+    flag: str
+    help: str
+    default: Any
+    kind: str = "string"  # "string", "bool" or "int"
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def dest(self) -> str:
+        return "memgauge_" + self.name.replace("-", "_")
+
+    @property
+    def ini_name(self) -> str:
+        return self.dest
+
+
+OPTIONS = (
+    Option("memprof", "--memprof", "measure the memory of every test", False, kind="bool"),
+    Option(
+        "output",
+        "--memprof-output",
+        "where to write the results (JSON); default .memgauge/results.json",
+        ".memgauge/results.json",
+    ),
+    Option(
+        "top",
+        "--memprof-top",
+        "how many tests with the highest peak to list after the run; default 10",
+        10,
+        kind="int",
+    ),
+    Option(
+        "scope",
+        "--memprof-scope",
+        "what to measure: 'call' (the test body, as pytest-memray) or 'all' "
+        "(with function-scoped fixture setup and teardown); default call",
+        "call",
+        choices=("call", "all"),
+    ),
+    Option(
+        "default-limit",
+        "--memprof-default-limit",
+        "a peak limit for every test without a memlimit marker, e.g. '200 MiB'",
+        None,
+    ),
+)
+
+
+def read_pyproject(rootpath: Path) -> dict[str, Any]:
+    """The ``[tool.memgauge]`` table of ``rootpath/pyproject.toml``, or {}."""
+    path = rootpath / "pyproject.toml"
+    if not path.is_file():
+        return {}
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: invalid TOML: {error}") from error
+    table = data.get("tool", {}).get("memgauge", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [tool.memgauge] must be a table")
+    return table
+
+
+def coerce(option: Option, value: Any, origin: str) -> Any:
+    """Converts a value from pyproject or the ini file to the option's kind."""
+    if value is None:
+        return None
+    if option.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{origin}: {option.name} must be true or false, not {value!r}")
+    if option.kind == "int":
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{origin}: {option.name} must be a whole number, not {value!r}")
+        if number < 0:
+            raise ValueError(f"{origin}: {option.name} must be at least 0, not {value!r}")
+        return number
+    text = str(value)
+    if option.choices and text not in option.choices:
+        allowed = ", ".join(option.choices)
+        raise ValueError(f"{origin}: {option.name} must be one of {allowed}, not {value!r}")
+    return text
