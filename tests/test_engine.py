@@ -11,9 +11,8 @@ import textwrap
 import threading
 import tracemalloc
 
-import pytest
-
 import memgauge
+import pytest
 
 MiB = 2**20
 KEEP: list[object] = []

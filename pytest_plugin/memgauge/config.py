@@ -97,7 +97,9 @@ def coerce(option: Option, value: Any, origin: str) -> Any:
         try:
             number = int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"{origin}: {option.name} must be a whole number, not {value!r}")
+            raise ValueError(
+                f"{origin}: {option.name} must be a whole number, not {value!r}"
+            ) from None
         if number < 0:
             raise ValueError(f"{origin}: {option.name} must be at least 0, not {value!r}")
         return number

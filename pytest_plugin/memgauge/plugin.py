@@ -19,11 +19,12 @@ import pytest
 import memgauge
 from memgauge import config as cfg
 
-MEMLIMIT_HELP = """memlimit(peak=None, *, rss=None, leak=None, allocations=None): fail the test when it
-needs more memory. A positional size limits the traced peak: memlimit("50 MiB"). Keywords limit
-the RSS peak (rss=), the bytes still held at the end (leak=) and the number of allocations
-(allocations=). Sizes: a whole number of bytes or a number with a unit: B, KB, MB, GB (powers of
-1000), KiB, MiB, GiB (powers of 1024), case-insensitive, decimals allowed ("1.5 GiB")."""
+MEMLIMIT_HELP = """memlimit(peak=None, *, rss=None, leak=None, allocations=None):
+fail the test when it needs more memory. A positional size limits the traced peak:
+memlimit("50 MiB"). Keywords limit the RSS peak (rss=), the bytes still held at the end
+(leak=) and the number of allocations (allocations=). Sizes: a whole number of bytes or a
+number with a unit: B, KB, MB, GB (powers of 1000), KiB, MiB, GiB (powers of 1024),
+case-insensitive, decimals allowed ("1.5 GiB")."""
 
 LIMIT_FIELDS = {
     "peak": ("peak_bytes", "traced peak"),
@@ -293,7 +294,7 @@ class MemgaugePlugin:
             return
         self.settings.output.parent.mkdir(parents=True, exist_ok=True)
         # Results stream here as tests finish, so a run that dies still leaves them.
-        self.stream = open(self.partial_path(), "w", encoding="utf-8")  # noqa: SIM115
+        self.stream = open(self.partial_path(), "w", encoding="utf-8")
         self.write_stream({"event": "session", "environment": environment()})
 
     def partial_path(self) -> Path:
