@@ -1,15 +1,28 @@
 //! The `memgauge` command line: one entry, [`run`], for the binary and the Python console script.
+//!
+//! Exit codes ([`ExitStatus`]): 0 everything is within its limits, 1 a regression was found (or
+//! `baseline update --check` found the baseline out of date), 2 the input or the command was wrong.
 
-use clap::Parser;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::baseline::{self, Baseline};
+use crate::compare::{self, Figure, Policy};
+use crate::error::{read_text, write_atomically, Error, Result};
+use crate::render::{self, Format};
+use crate::results::Results;
+use crate::size;
 
 /// How the command ended; the process exits with its code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
-    /// Everything is within its limits.
+    /// 0: everything is within its limits.
     Success,
-    /// A regression was found.
+    /// 1: a regression was found.
     Regression,
-    /// The input or the command was wrong.
+    /// 2: the input or the command was wrong.
     Error,
 }
 
@@ -29,28 +42,354 @@ impl From<ExitStatus> for std::process::ExitCode {
     }
 }
 
+const DEFAULT_RESULTS: &str = ".memgauge/results.json";
+const DEFAULT_BASELINE: &str = "memgauge-baseline.toml";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "memgauge",
     version,
-    about = "Memory figures for Python test suites, gated in CI"
+    about = "Memory figures for Python test suites, gated in CI",
+    after_help = "Exit codes: 0 within limits, 1 regression found, 2 bad input or command.\n\
+                  Defaults come from [tool.memgauge] in ./pyproject.toml."
 )]
-struct Cli {}
+struct Cli {
+    /// The pyproject.toml whose [tool.memgauge] gives defaults.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compare a results file with the baseline; exit 1 on a regression.
+    Compare(CompareArgs),
+    /// Write or check the baseline.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
+    /// Join results files (CI shards, a matrix) into one.
+    Merge(MergeArgs),
+    /// Show the per-test figures of a results file, without gating.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// The results of `pytest --memprof` [default: .memgauge/results.json].
+    results: Option<PathBuf>,
+    /// The baseline [default: memgauge-baseline.toml].
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Also write JUnit XML here.
+    #[arg(long, value_name = "PATH")]
+    junit: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Relative growth allowed, e.g. 10% [default: 10%].
+    #[arg(long)]
+    tolerance: Option<String>,
+    /// Absolute growth always allowed, e.g. "64 KiB" [default: 64 KiB].
+    #[arg(long)]
+    floor: Option<String>,
+    /// Figures to gate, comma-separated: peak, leaked, rss, allocations [default: peak,leaked].
+    #[arg(long)]
+    gate: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum BaselineCommand {
+    /// Write the baseline from a results file and print the diff.
+    Update(UpdateArgs),
+}
+
+#[derive(Debug, Args)]
+struct UpdateArgs {
+    results: Option<PathBuf>,
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Drop tests that are not in the results.
+    #[arg(long)]
+    prune: bool,
+    /// Write nothing; exit 1 when the baseline would change.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(Debug, Args)]
+struct MergeArgs {
+    #[arg(required = true, num_args = 1..)]
+    inputs: Vec<PathBuf>,
+    #[arg(short, long)]
+    output: PathBuf,
+    /// When a test is in two inputs: fail (default) or keep the last.
+    #[arg(long, value_parser = ["error", "last"], default_value = "error")]
+    prefer: String,
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    results: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+/// `[tool.memgauge]` of pyproject.toml: defaults shared with the pytest plugin.
+#[derive(Debug, Default)]
+struct Settings {
+    output: Option<PathBuf>,
+    baseline: Option<PathBuf>,
+    tolerance: Option<String>,
+    floor: Option<String>,
+    gate: Option<String>,
+}
+
+impl Settings {
+    fn load(explicit: Option<&Path>) -> Result<Settings> {
+        let path = explicit.map_or_else(|| PathBuf::from("pyproject.toml"), Path::to_owned);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+                return Ok(Settings::default());
+            }
+            Err(_) => return read_text(&path, "").map(|_| Settings::default()),
+        };
+        let document: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Toml {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let Some(table) = document.get("tool").and_then(|t| t.get("memgauge")) else {
+            return Ok(Settings::default());
+        };
+        let table = table
+            .as_table()
+            .ok_or_else(|| Error::invalid(&path, "key tool.memgauge: must be a table"))?;
+        let text = |key: &str| -> Result<Option<String>> {
+            match table.get(key) {
+                None => Ok(None),
+                Some(toml::Value::String(s)) => Ok(Some(s.clone())),
+                Some(toml::Value::Integer(i)) => Ok(Some(i.to_string())),
+                Some(toml::Value::Array(items)) if key == "gate" => Ok(Some(
+                    items
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )),
+                Some(_) => Err(Error::invalid(
+                    &path,
+                    format!("key tool.memgauge.{key}: must be a string"),
+                )),
+            }
+        };
+        Ok(Settings {
+            output: text("output")?.map(PathBuf::from),
+            baseline: text("baseline")?.map(PathBuf::from),
+            tolerance: text("tolerance")?,
+            floor: text("floor")?,
+            gate: text("gate")?,
+        })
+    }
+
+    fn results_path(&self, given: Option<PathBuf>) -> PathBuf {
+        given
+            .or_else(|| self.output.clone())
+            .unwrap_or_else(|| DEFAULT_RESULTS.into())
+    }
+
+    fn baseline_path(&self, given: Option<PathBuf>) -> PathBuf {
+        given
+            .or_else(|| self.baseline.clone())
+            .unwrap_or_else(|| DEFAULT_BASELINE.into())
+    }
+}
+
+fn policy(args: &CompareArgs, settings: &Settings, baseline: &Baseline) -> Result<Policy> {
+    let mut policy = Policy::default();
+    if let Some(tolerance) = baseline.defaults.tolerance {
+        policy.tolerance = tolerance;
+    }
+    if let Some(floor) = baseline.defaults.floor {
+        policy.floor = floor;
+    }
+    let pick = |cli: &Option<String>, configured: &Option<String>, what: &str| {
+        cli.as_ref()
+            .map(|v| (v.clone(), format!("--{what}")))
+            .or_else(|| {
+                configured
+                    .as_ref()
+                    .map(|v| (v.clone(), format!("tool.memgauge.{what}")))
+            })
+    };
+    if let Some((text, origin)) = pick(&args.tolerance, &settings.tolerance, "tolerance") {
+        policy.tolerance =
+            size::parse_percent(&text).map_err(|e| Error::Usage(format!("{origin}: {e}")))?;
+    }
+    if let Some((text, origin)) = pick(&args.floor, &settings.floor, "floor") {
+        policy.floor =
+            size::parse_size(&text).map_err(|e| Error::Usage(format!("{origin}: {e}")))?;
+    }
+    if let Some((text, origin)) = pick(&args.gate, &settings.gate, "gate") {
+        policy.gated = text
+            .split(',')
+            .filter(|name| !name.trim().is_empty())
+            .map(|name| {
+                Figure::parse(name).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "{origin}: unknown figure {name:?}; use peak, leaked, rss, allocations"
+                    ))
+                })
+            })
+            .collect::<Result<_>>()?;
+    }
+    Ok(policy)
+}
+
+fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
+    let results_path = settings.results_path(args.results.clone());
+    let baseline_path = settings.baseline_path(args.baseline.clone());
+    let results = Results::load(&results_path)?;
+    let text = read_text(
+        &baseline_path,
+        "; create it with `memgauge baseline update` and commit it, or pass --baseline",
+    )?;
+    let baseline = Baseline::parse(&baseline_path, &text)?;
+    let policy = policy(&args, settings, &baseline)?;
+    let comparison = compare::compare(&results, &baseline, &policy);
+
+    let gated: Vec<_> = policy.gated.iter().map(|f| f.name()).collect();
+    let header = format!(
+        "memgauge: {} tests in {} against {} (gating {}; tolerance {:.1}%, floor {})",
+        results.tests.len() + results.benchmarks.len(),
+        results_path.display(),
+        baseline_path.display(),
+        gated.join(", "),
+        policy.tolerance * 100.0,
+        size::format_size(policy.floor),
+    );
+    print!("{}", render::comparison(&comparison, args.format, &header));
+    if let Some(junit) = &args.junit {
+        write_atomically(junit, render::junit(&comparison).as_bytes())?;
+    }
+    if std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true") {
+        print!("{}", render::github_annotations(&comparison));
+        if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY") {
+            let summary = PathBuf::from(summary);
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&summary)
+                .map_err(|source| Error::Write {
+                    path: summary.clone(),
+                    source,
+                })?;
+            file.write_all(render::markdown(&comparison, &header).as_bytes())
+                .map_err(|source| Error::Write {
+                    path: summary.clone(),
+                    source,
+                })?;
+        }
+    }
+    let _ = std::io::stdout().flush();
+    Ok(if comparison.has_regressions() {
+        ExitStatus::Regression
+    } else {
+        ExitStatus::Success
+    })
+}
+
+fn run_update(args: UpdateArgs, settings: &Settings) -> Result<ExitStatus> {
+    let results = Results::load(&settings.results_path(args.results))?;
+    let path = settings.baseline_path(args.baseline);
+    let (old, old_text) = Baseline::load_or_empty(&path)?;
+    let new_text = old.updated(&results, args.prune).render();
+    let old_text = old_text.unwrap_or_default();
+    if old_text == new_text {
+        println!("memgauge: {} is up to date", path.display());
+        return Ok(ExitStatus::Success);
+    }
+    print!("{}", baseline::diff(&path, &old_text, &new_text));
+    if args.check {
+        println!(
+            "memgauge: {} is out of date: run `memgauge baseline update`",
+            path.display()
+        );
+        return Ok(ExitStatus::Regression);
+    }
+    write_atomically(&path, new_text.as_bytes())?;
+    println!("memgauge: wrote {}", path.display());
+    Ok(ExitStatus::Success)
+}
+
+fn run_merge(args: MergeArgs) -> Result<ExitStatus> {
+    let mut merged: Option<Results> = None;
+    for input in &args.inputs {
+        let results = Results::load(input)?;
+        let Some(target) = merged.as_mut() else {
+            merged = Some(results);
+            continue;
+        };
+        for (section, incoming) in [
+            (&mut target.tests, results.tests),
+            (&mut target.benchmarks, results.benchmarks),
+        ] {
+            for (id, record) in incoming {
+                if section.contains_key(&id) && args.prefer != "last" {
+                    return Err(Error::invalid(
+                        input,
+                        format!("test {id:?} is also in an earlier input; pass --prefer last to keep this one"),
+                    ));
+                }
+                section.insert(id, record);
+            }
+        }
+    }
+    let merged = merged.expect("clap requires one input");
+    merged.save(&args.output)?;
+    println!(
+        "memgauge: wrote {} ({} tests)",
+        args.output.display(),
+        merged.tests.len()
+    );
+    Ok(ExitStatus::Success)
+}
+
+fn dispatch(cli: Cli) -> Result<ExitStatus> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Compare(args) => run_compare(args, &settings),
+        Command::Baseline(BaselineCommand::Update(args)) => run_update(args, &settings),
+        Command::Merge(args) => run_merge(args),
+        Command::Report(args) => {
+            let results = Results::load(&settings.results_path(args.results))?;
+            print!("{}", render::results(&results, args.format));
+            Ok(ExitStatus::Success)
+        }
+    }
+}
 
 pub fn run<I, T>(args: I) -> ExitStatus
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    match Cli::try_parse_from(args) {
-        Ok(_) => ExitStatus::Success,
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            if error.use_stderr() {
+            return if error.use_stderr() {
                 ExitStatus::Error
             } else {
                 ExitStatus::Success
-            }
+            };
+        }
+    };
+    match dispatch(cli) {
+        Ok(status) => status,
+        Err(error) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("memgauge: error: {error}");
+            ExitStatus::Error
         }
     }
 }

@@ -64,8 +64,8 @@ pub use python::*;
 mod python {
     use std::cell::{Cell, UnsafeCell};
     use std::ffi::{c_char, c_int, c_void, CStr};
-    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
     use std::ops::{Deref, DerefMut};
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 
     use pyo3::ffi;
     use pyo3::prelude::*;

@@ -1,8 +1,13 @@
 //! memgauge: exact, deterministic memory figures for Python code, and a gate for CI.
 
+pub mod baseline;
 pub mod cli;
+pub mod compare;
+pub mod error;
 pub mod ffi;
 pub mod proc;
+pub mod render;
+pub mod results;
 pub mod rss;
 pub mod size;
 pub mod tracker;

@@ -1,0 +1,343 @@
+//! Turning a comparison or a results file into text, Markdown, JSON, JUnit XML and GitHub
+//! Actions annotations.
+
+use std::fmt::Write as _;
+
+use crate::compare::{Change, Comparison, Status};
+use crate::results::Results;
+use crate::size::{format_signed_size, format_size};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Markdown,
+    Json,
+}
+
+fn amount(change: &Change, value: i128) -> String {
+    if change.figure == "allocations" {
+        value.to_string()
+    } else {
+        format_signed_size(value)
+    }
+}
+
+fn describe(change: &Change) -> String {
+    let percent = change
+        .change_percent
+        .map_or("new".to_owned(), |p| format!("{p:+.1}%"));
+    let sign = if change.change > 0 { "+" } else { "" };
+    format!(
+        "{} {} -> {} ({sign}{}, {percent})",
+        change.figure,
+        amount(change, change.baseline.into()),
+        amount(change, change.current.into()),
+        amount(change, change.change.into()),
+    )
+}
+
+fn summary_line(comparison: &Comparison) -> String {
+    format!(
+        "{} regressions, {} improvements, {} new, {} missing, {} unchanged",
+        comparison.regressions.len(),
+        comparison.improvements.len(),
+        comparison.new_tests.len(),
+        comparison.missing_tests.len(),
+        comparison.unchanged,
+    )
+}
+
+pub fn comparison(comparison: &Comparison, format: Format, header: &str) -> String {
+    match format {
+        Format::Json => {
+            let mut text = serde_json::to_string_pretty(comparison).expect("comparison serializes");
+            text.push('\n');
+            text
+        }
+        Format::Text => {
+            let mut out = format!("{header}\n");
+            for change in &comparison.regressions {
+                let _ = writeln!(out, "REGRESSION  {}  {}", change.test, describe(change));
+            }
+            for change in &comparison.improvements {
+                let _ = writeln!(out, "improved    {}  {}", change.test, describe(change));
+            }
+            for test in &comparison.new_tests {
+                let _ = writeln!(out, "new         {test}  (not in the baseline)");
+            }
+            for test in &comparison.missing_tests {
+                let _ = writeln!(
+                    out,
+                    "missing     {test}  (in the baseline, not in the results)"
+                );
+            }
+            for test in &comparison.unmeasured_tests {
+                let _ = writeln!(
+                    out,
+                    "unmeasured  {test}  (no figures: crashed or failed early)"
+                );
+            }
+            let _ = writeln!(out, "{}", summary_line(comparison));
+            out
+        }
+        Format::Markdown => markdown(comparison, header),
+    }
+}
+
+fn markdown_cell(text: &str) -> String {
+    text.replace('|', "\\|")
+        .replace('`', "'")
+        .replace('\n', " ")
+}
+
+pub fn markdown(comparison: &Comparison, header: &str) -> String {
+    let mut out = format!(
+        "### memgauge\n\n{header}\n\n**{}**\n\n",
+        summary_line(comparison)
+    );
+    let rows: Vec<(&str, &Change)> = comparison
+        .regressions
+        .iter()
+        .map(|c| (":red_circle: regression", c))
+        .chain(
+            comparison
+                .improvements
+                .iter()
+                .map(|c| (":green_circle: improved", c)),
+        )
+        .collect();
+    if !rows.is_empty() {
+        out.push_str(
+            "| | Test | Figure | Baseline | Current | Change |\n|---|---|---|---|---|---|\n",
+        );
+        for (label, change) in rows {
+            let percent = change
+                .change_percent
+                .map_or("n/a".to_owned(), |p| format!("{p:+.1}%"));
+            let _ = writeln!(
+                out,
+                "| {label} | `{}` | {} | {} | {} | {} ({percent}) |",
+                markdown_cell(&change.test),
+                change.figure,
+                amount(change, change.baseline.into()),
+                amount(change, change.current.into()),
+                amount(change, change.change.into()),
+            );
+        }
+    }
+    for (title, tests) in [
+        ("New tests", &comparison.new_tests),
+        ("Missing tests", &comparison.missing_tests),
+    ] {
+        if !tests.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n<details><summary>{title}: {}</summary>\n",
+                tests.len()
+            );
+            for test in tests {
+                let _ = writeln!(out, "- `{}`", markdown_cell(test));
+            }
+            out.push_str("\n</details>\n");
+        }
+    }
+    out
+}
+
+/// The per-test table of a results file, highest peak first.
+pub fn results(results: &Results, format: Format) -> String {
+    let mut rows: Vec<_> = results.entries().collect();
+    rows.sort_by(|a, b| b.1.peak_bytes.cmp(&a.1.peak_bytes).then(a.0.cmp(b.0)));
+    let show = |v: Option<u64>| v.map_or("n/a".to_owned(), format_size);
+    match format {
+        Format::Json => {
+            let mut text = serde_json::to_string_pretty(results).expect("results serialize");
+            text.push('\n');
+            text
+        }
+        Format::Text => {
+            let mut out = format!(
+                "{:>12} {:>12} {:>12} {:>10}  test\n",
+                "peak", "leaked", "RSS peak", "allocs"
+            );
+            for (id, r) in rows {
+                let allocations = r.allocations.map_or("n/a".to_owned(), |a| a.to_string());
+                let _ = writeln!(
+                    out,
+                    "{:>12} {:>12} {:>12} {allocations:>10}  {id}",
+                    show(r.peak_bytes),
+                    show(r.leaked_bytes),
+                    show(r.rss_peak_bytes)
+                );
+            }
+            out
+        }
+        Format::Markdown => {
+            let mut out =
+                "| Test | Peak | Leaked | RSS peak | Allocations |\n|---|---|---|---|---|\n"
+                    .to_owned();
+            for (id, r) in rows {
+                let allocations = r.allocations.map_or("n/a".to_owned(), |a| a.to_string());
+                let _ = writeln!(
+                    out,
+                    "| `{}` | {} | {} | {} | {allocations} |",
+                    markdown_cell(id),
+                    show(r.peak_bytes),
+                    show(r.leaked_bytes),
+                    show(r.rss_peak_bytes)
+                );
+            }
+            out
+        }
+    }
+}
+
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            // Characters XML 1.0 cannot carry at all.
+            c if (c as u32) < 0x20 && !matches!(c, '\t' | '\n' | '\r') => out.push('\u{FFFD}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// JUnit XML: one testcase per compared test; regressions fail, new and missing are skipped;
+/// the figures ride along as properties. (Written here rather than with a crate: the crates at
+/// hand cannot put properties on a testcase.)
+pub fn junit(comparison: &Comparison) -> String {
+    let count = |status: Status| {
+        comparison
+            .verdicts
+            .iter()
+            .filter(|v| v.status == status)
+            .count()
+    };
+    let failures = count(Status::Regressed);
+    let skipped = count(Status::New) + count(Status::Missing) + count(Status::Unmeasured);
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let _ = writeln!(
+        out,
+        "<testsuites name=\"memgauge\" tests=\"{0}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\">\n  \
+         <testsuite name=\"memgauge\" tests=\"{0}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\" time=\"0\">",
+        comparison.verdicts.len()
+    );
+    for verdict in &comparison.verdicts {
+        let (classname, name) = match verdict.test.rsplit_once("::") {
+            Some((module, name)) => (module.replace("::", "."), name),
+            None => (String::new(), verdict.test.as_str()),
+        };
+        let _ = write!(
+            out,
+            "    <testcase classname=\"{}\" name=\"{}\" time=\"0\"",
+            xml_escape(&classname),
+            xml_escape(name)
+        );
+        if let Some(file) = &verdict.file {
+            let _ = write!(out, " file=\"{}\"", xml_escape(file));
+        }
+        if let Some(line) = verdict.line {
+            let _ = write!(out, " line=\"{line}\"");
+        }
+        out.push_str(">\n      <properties>\n");
+        for (figure, baseline, current) in &verdict.figures {
+            for (prefix, value) in [("baseline", baseline), ("current", current)] {
+                if let Some(value) = value {
+                    let _ = writeln!(
+                        out,
+                        "        <property name=\"{prefix}_{figure}\" value=\"{value}\"/>"
+                    );
+                }
+            }
+        }
+        out.push_str("      </properties>\n");
+        match verdict.status {
+            Status::Regressed => {
+                let changes: Vec<_> = comparison
+                    .regressions
+                    .iter()
+                    .filter(|c| c.test == verdict.test)
+                    .map(describe)
+                    .collect();
+                let message = format!("memory regression: {}", changes.join("; "));
+                let _ = writeln!(
+                    out,
+                    "      <failure type=\"memgauge.regression\" message=\"{0}\">{0}</failure>",
+                    xml_escape(&message)
+                );
+            }
+            Status::New => {
+                out.push_str("      <skipped message=\"new test: not in the baseline yet\"/>\n")
+            }
+            Status::Missing => {
+                out.push_str(
+                    "      <skipped message=\"missing: in the baseline, not in the results\"/>\n",
+                );
+            }
+            Status::Unmeasured => {
+                out.push_str("      <skipped message=\"not measured: crashed or failed before measuring\"/>\n");
+            }
+            Status::Passed => {}
+        }
+        out.push_str("    </testcase>\n");
+    }
+    out.push_str("  </testsuite>\n</testsuites>\n");
+    out
+}
+
+fn escape_data(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+fn escape_property(text: &str) -> String {
+    escape_data(text).replace(':', "%3A").replace(',', "%2C")
+}
+
+/// One `::error` workflow command per regression, at the test's file and line.
+pub fn github_annotations(comparison: &Comparison) -> String {
+    let mut out = String::new();
+    for change in &comparison.regressions {
+        let mut properties = vec![format!(
+            "title={}",
+            escape_property("memgauge: memory regression")
+        )];
+        if let Some(file) = &change.file {
+            properties.insert(0, format!("file={}", escape_property(file)));
+            if let Some(line) = change.line {
+                properties.insert(1, format!("line={line}"));
+            }
+        }
+        let message = format!("{}: {}", change.test, describe(change));
+        let _ = writeln!(
+            out,
+            "::error {}::{}",
+            properties.join(","),
+            escape_data(&message)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_for_xml_and_workflow_commands() {
+        assert_eq!(
+            xml_escape("a<\"b\">&'\u{1}"),
+            "a&lt;&quot;b&quot;&gt;&amp;&apos;\u{FFFD}"
+        );
+        assert_eq!(escape_property("a:b,c%\n"), "a%3Ab%2Cc%25%0A");
+        assert_eq!(escape_data("x:y\r\n"), "x:y%0D%0A");
+    }
+}

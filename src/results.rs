@@ -1,0 +1,238 @@
+//! The results file that `pytest --memprof` writes (schema 1), and its crash-safe stream.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{read_text, write_atomically, Error, Result};
+
+pub const SCHEMA: u64 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Site {
+    pub file: String,
+    pub line: u32,
+    pub function: String,
+    pub bytes: u64,
+}
+
+/// One test's figures. Unknown keys are kept, so a merge loses nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TestRecord {
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaked_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocations: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_peak_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_delta_bytes: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_sites: Vec<Site>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub crashed: bool,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub schema: u64,
+    #[serde(default)]
+    pub tool: Map<String, Value>,
+    #[serde(default)]
+    pub environment: Map<String, Value>,
+    pub tests: BTreeMap<String, TestRecord>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub benchmarks: BTreeMap<String, TestRecord>,
+}
+
+impl Results {
+    /// Parses a results document or, for a run that died, its `.partial` stream.
+    pub fn parse(path: &Path, text: &str) -> Result<Results> {
+        let first_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        if first_line.contains("\"event\"") && !first_line.contains("\"schema\"") {
+            return Self::parse_stream(path, text);
+        }
+        let value: Value = serde_json::from_str(text).map_err(|e| Error::json(path, &e))?;
+        let schema = value.get("schema").ok_or_else(|| {
+            Error::invalid(path, "no \"schema\" key: is this a memgauge results file?")
+        })?;
+        if schema.as_u64() != Some(SCHEMA) {
+            return Err(Error::invalid(
+                path,
+                format!("key \"schema\": version {schema} is not one this memgauge reads ({SCHEMA}); upgrade memgauge"),
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| {
+            Error::invalid(
+                path,
+                format!("{e}: the file does not follow results schema {SCHEMA}"),
+            )
+        })
+    }
+
+    fn parse_stream(path: &Path, text: &str) -> Result<Results> {
+        let mut results = Results {
+            schema: SCHEMA,
+            ..Results::default()
+        };
+        let mut running: Option<String> = None;
+        for (index, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let event: Value = serde_json::from_str(line).map_err(|e| Error::Json {
+                path: path.to_owned(),
+                line: index + 1,
+                column: e.column(),
+                message: e.to_string(),
+            })?;
+            let id = event.get("id").and_then(Value::as_str).map(str::to_owned);
+            match (event.get("event").and_then(Value::as_str), id) {
+                (Some("session"), _) => {
+                    if let Some(Value::Object(env)) = event.get("environment") {
+                        results.environment = env.clone();
+                    }
+                }
+                (Some("start"), Some(id)) => running = Some(id),
+                (Some("test"), Some(id)) => {
+                    let mut record = event.as_object().cloned().unwrap_or_default();
+                    record.remove("event");
+                    record.remove("id");
+                    let record: TestRecord = serde_json::from_value(Value::Object(record))
+                        .map_err(|e| Error::invalid(path, format!("line {}: {e}", index + 1)))?;
+                    if running.as_deref() == Some(&id) {
+                        running = None;
+                    }
+                    results.tests.insert(id, record);
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        path,
+                        format!("line {}: not a memgauge event", index + 1),
+                    ));
+                }
+            }
+        }
+        if let Some(id) = running {
+            // The run died while this test ran: it never reported.
+            results.tests.entry(id).or_insert_with(|| TestRecord {
+                outcome: "error".to_owned(),
+                crashed: true,
+                ..TestRecord::default()
+            });
+        }
+        Ok(results)
+    }
+
+    pub fn load(path: &Path) -> Result<Results> {
+        let partial = path.with_file_name(format!(
+            "{}.partial",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+        ));
+        let hint = if partial.exists() {
+            format!(
+                "; the run that writes it did not finish, and its partial results are in {}: \
+                 pass that file to use them",
+                partial.display()
+            )
+        } else {
+            "; run `pytest --memprof` first, or name the results file".to_owned()
+        };
+        Self::parse(path, &read_text(path, &hint)?)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut text = serde_json::to_string_pretty(self).expect("results serialize");
+        text.push('\n');
+        write_atomically(path, text.as_bytes())
+    }
+
+    /// Tests and benchmarks, under one namespace: benchmarks are gated like tests.
+    pub fn entries(&self) -> impl Iterator<Item = (&String, &TestRecord)> {
+        self.tests.iter().chain(self.benchmarks.iter())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = r#"{"schema": 1, "tool": {"name": "memgauge"}, "environment": {},
+        "tests": {"t.py::a": {"outcome": "passed", "file": "t.py", "line": 3,
+        "peak_bytes": 100, "leaked_bytes": 0, "allocated_bytes": 120, "allocations": 2,
+        "rss_peak_bytes": 4096, "rss_delta_bytes": -4096, "duration_s": 0.5,
+        "top_sites": [{"file": "t.py", "line": 4, "function": "a", "bytes": 100}],
+        "limits": {}}}}"#;
+
+    #[test]
+    fn parses_and_keeps_unknown_keys() {
+        let results = Results::parse(Path::new("r.json"), DOC).unwrap();
+        let record = &results.tests["t.py::a"];
+        assert_eq!(record.peak_bytes, Some(100));
+        assert_eq!(record.rss_delta_bytes, Some(-4096));
+        assert_eq!(record.top_sites[0].line, 4);
+        assert!(record.extra.contains_key("limits"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_position() {
+        let error =
+            Results::parse(Path::new("r.json"), "{\"schema\": 1,\n \"tests\": [}").unwrap_err();
+        assert!(error.to_string().starts_with("r.json:2:"), "{error}");
+        let error =
+            Results::parse(Path::new("r.json"), r#"{"schema": 7, "tests": {}}"#).unwrap_err();
+        assert!(
+            error.to_string().contains("key \"schema\": version 7"),
+            "{error}"
+        );
+        let error = Results::parse(Path::new("r.json"), r#"{"tests": {}}"#).unwrap_err();
+        assert!(error.to_string().contains("no \"schema\" key"), "{error}");
+        let error = Results::parse(
+            Path::new("r.json"),
+            r#"{"schema": 1, "tests": {"a": {"peak_bytes": -1}}}"#,
+        )
+        .unwrap_err();
+        assert!(error.to_string().starts_with("r.json: "), "{error}");
+    }
+
+    #[test]
+    fn a_stream_names_the_test_that_was_running() {
+        let stream = "{\"event\": \"session\", \"environment\": {\"python\": \"3.11\"}}\n\
+            {\"event\": \"start\", \"id\": \"t.py::a\"}\n\
+            {\"event\": \"test\", \"id\": \"t.py::a\", \"outcome\": \"passed\", \"peak_bytes\": 5}\n\
+            {\"event\": \"start\", \"id\": \"t.py::dies\"}\n";
+        let results = Results::parse(Path::new("r.json.partial"), stream).unwrap();
+        assert_eq!(results.tests["t.py::a"].peak_bytes, Some(5));
+        assert!(results.tests["t.py::dies"].crashed);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_any_text(text in "\\PC{0,200}") {
+            let _ = Results::parse(Path::new("fuzz.json"), &text);
+        }
+
+        #[test]
+        fn never_panics_on_json_shaped_text(text in r#"\{"schema": ?1, "tests": \{("[a-z:]{1,5}": \{"outcome": "[a-z]{0,6}"(, "[a-z_]{1,12}": (-?[0-9]{1,22}|"x"|null|\[\]))*\})?\}\}"#) {
+            let _ = Results::parse(Path::new("fuzz.json"), &text);
+        }
+    }
+}
