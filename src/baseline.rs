@@ -73,8 +73,24 @@ fn thresholds(path: &Path, table: &toml::Table, at: &str) -> Result<Thresholds> 
     Ok(thresholds)
 }
 
-fn quoted(key: &str) -> String {
-    toml::Value::String(key.to_owned()).to_string()
+/// A TOML basic string, usable as a key: always `"..."`, whatever the text holds (the toml
+/// crate's own rendering picks multi-line or literal forms, which are not keys).
+fn quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 impl Baseline {
@@ -235,7 +251,7 @@ mod tests {
         Results::parse(
             Path::new("r.json"),
             r#"{"schema": 1, "tests": {
-            "b.py::t[\"x\" $HOME `y` é]": {"outcome": "passed", "peak_bytes": 10, "leaked_bytes": 1, "allocations": 3},
+            "b.py::t[\"x\" 'q' \\ $HOME `y` é\n]": {"outcome": "passed", "peak_bytes": 10, "leaked_bytes": 1, "allocations": 3},
             "a.py::t": {"outcome": "passed", "peak_bytes": 20, "leaked_bytes": 0, "rss_peak_bytes": 4096},
             "a.py::failed": {"outcome": "failed", "peak_bytes": 99}}}"#,
         )
@@ -255,7 +271,7 @@ mod tests {
         assert_eq!(parsed, baseline);
         assert_eq!(parsed.render(), text);
         assert_eq!(
-            parsed.tests["b.py::t[\"x\" $HOME `y` é]"].figures["allocations"],
+            parsed.tests["b.py::t[\"x\" 'q' \\ $HOME `y` é\n]"].figures["allocations"],
             3
         );
     }

@@ -5,7 +5,10 @@ use std::process::{Command, Output};
 
 fn memgauge(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_memgauge"));
-    command.current_dir(dir).args(args).env_remove("GITHUB_ACTIONS");
+    command
+        .current_dir(dir)
+        .args(args)
+        .env_remove("GITHUB_ACTIONS");
     for (key, value) in env {
         command.env(key, value);
     }
@@ -35,7 +38,11 @@ fn setup(peak_a: u64) -> tempfile_dir::Dir {
     let dir = tempfile_dir::Dir::new();
     std::fs::write(dir.path().join("base.json"), results(10_000_000)).unwrap();
     std::fs::write(dir.path().join("now.json"), results(peak_a)).unwrap();
-    let out = memgauge(dir.path(), &["baseline", "update", "base.json", "--baseline", "b.toml"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &["baseline", "update", "base.json", "--baseline", "b.toml"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     dir
 }
@@ -74,28 +81,66 @@ mod tempfile_dir {
 #[test]
 fn regression_exits_1_with_a_junit_failure_for_that_test_only() {
     let dir = setup(12_000_000);
-    let out = memgauge(dir.path(), &["compare", "now.json", "--baseline", "b.toml", "--junit", "j.xml"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &[
+            "compare",
+            "now.json",
+            "--baseline",
+            "b.toml",
+            "--junit",
+            "j.xml",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stdout(&out).contains("REGRESSION  t.py::a  peak 9.54 MiB -> 11.44 MiB (+1.91 MiB, +20.0%)"));
+    assert!(stdout(&out)
+        .contains("REGRESSION  t.py::a  peak 9.54 MiB -> 11.44 MiB (+1.91 MiB, +20.0%)"));
     let xml = std::fs::read_to_string(dir.path().join("j.xml")).unwrap();
     assert_eq!(xml.matches("<failure ").count(), 1, "{xml}");
     assert!(xml.contains("name=\"a\" time=\"0\" file=\"t.py\" line=\"3\">"));
     assert!(xml.contains("<property name=\"current_peak_bytes\" value=\"12000000\"/>"));
-    assert!(xml.contains("name=\"test[&quot;q&quot; $HOME `tick` é]\""), "{xml}");
+    assert!(
+        xml.contains("name=\"test[&quot;q&quot; $HOME `tick` é]\""),
+        "{xml}"
+    );
 }
 
 #[test]
 fn under_tolerance_or_floor_exits_0() {
     // +5%: under the tolerance though over the floor.
     let dir = setup(10_500_000);
-    let out = memgauge(dir.path(), &["compare", "now.json", "--baseline", "b.toml"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &["compare", "now.json", "--baseline", "b.toml"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     // +100% of a tiny test is under the floor.
-    std::fs::write(dir.path().join("now.json"), results(10_000_000).replace("2000", "4000")).unwrap();
-    let out = memgauge(dir.path(), &["compare", "now.json", "--baseline", "b.toml"], &[]);
+    std::fs::write(
+        dir.path().join("now.json"),
+        results(10_000_000).replace("2000", "4000"),
+    )
+    .unwrap();
+    let out = memgauge(
+        dir.path(),
+        &["compare", "now.json", "--baseline", "b.toml"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     // A floor of 0 makes it one.
-    let out = memgauge(dir.path(), &["compare", "now.json", "--baseline", "b.toml", "--floor", "0"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &[
+            "compare",
+            "now.json",
+            "--baseline",
+            "b.toml",
+            "--floor",
+            "0",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -104,7 +149,18 @@ fn new_missing_and_improved_are_reported_in_json() {
     let dir = setup(5_000_000);
     let changed = results(5_000_000).replace("t.py::small", "t.py::brand_new");
     std::fs::write(dir.path().join("now.json"), changed).unwrap();
-    let out = memgauge(dir.path(), &["compare", "now.json", "--baseline", "b.toml", "--format", "json"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &[
+            "compare",
+            "now.json",
+            "--baseline",
+            "b.toml",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["new_tests"], serde_json::json!(["t.py::brand_new"]));
@@ -117,8 +173,16 @@ fn new_missing_and_improved_are_reported_in_json() {
 fn bad_input_exits_2_naming_the_file_and_position() {
     let dir = setup(1);
     let cases: [(&str, &str, &str); 4] = [
-        ("broken.json", "{\"schema\": 1,\n\"tests\": {,}}", "broken.json:2:"),
-        ("schema.json", "{\"schema\": 9, \"tests\": {}}", "key \"schema\": version 9"),
+        (
+            "broken.json",
+            "{\"schema\": 1,\n\"tests\": {,}}",
+            "broken.json:2:",
+        ),
+        (
+            "schema.json",
+            "{\"schema\": 9, \"tests\": {}}",
+            "key \"schema\": version 9",
+        ),
         ("missing.json", "", "missing.json: not found"),
         ("now.json", "", "bad.toml: invalid TOML"),
     ];
@@ -127,12 +191,27 @@ fn bad_input_exits_2_naming_the_file_and_position() {
         if !contents.is_empty() {
             std::fs::write(dir.path().join(file), contents).unwrap();
         }
-        let baseline = if file == "now.json" { "bad.toml" } else { "b.toml" };
+        let baseline = if file == "now.json" {
+            "bad.toml"
+        } else {
+            "b.toml"
+        };
         let out = memgauge(dir.path(), &["compare", file, "--baseline", baseline], &[]);
         assert_eq!(out.status.code(), Some(2), "{file}");
         assert!(stderr(&out).contains(message), "{file}: {}", stderr(&out));
     }
-    let out = memgauge(dir.path(), &["compare", "now.json", "--baseline", "b.toml", "--tolerance", "lots"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &[
+            "compare",
+            "now.json",
+            "--baseline",
+            "b.toml",
+            "--tolerance",
+            "lots",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--tolerance: \"lots\" is not a percentage"));
     let out = memgauge(dir.path(), &["compare", "--nonsense"], &[]);
@@ -143,18 +222,45 @@ fn bad_input_exits_2_naming_the_file_and_position() {
 fn baseline_update_is_stable_and_never_overwrites_a_malformed_baseline() {
     let dir = setup(1);
     let first = std::fs::read(dir.path().join("b.toml")).unwrap();
-    let out = memgauge(dir.path(), &["baseline", "update", "base.json", "--baseline", "b.toml"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &["baseline", "update", "base.json", "--baseline", "b.toml"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("is up to date"));
     assert_eq!(std::fs::read(dir.path().join("b.toml")).unwrap(), first);
 
-    let out = memgauge(dir.path(), &["baseline", "update", "now.json", "--baseline", "b.toml", "--check"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &[
+            "baseline",
+            "update",
+            "now.json",
+            "--baseline",
+            "b.toml",
+            "--check",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stdout(&out).contains("-peak_bytes = 10000000\n+peak_bytes = 1\n"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("-peak_bytes = 10000000\n+peak_bytes = 1\n"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(std::fs::read(dir.path().join("b.toml")).unwrap(), first);
 
-    std::fs::write(dir.path().join("b.toml"), "schema = 1\n[tests.\"x\"]\npeak_bytes = \"big\"\n").unwrap();
-    let out = memgauge(dir.path(), &["baseline", "update", "now.json", "--baseline", "b.toml"], &[]);
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "schema = 1\n[tests.\"x\"]\npeak_bytes = \"big\"\n",
+    )
+    .unwrap();
+    let out = memgauge(
+        dir.path(),
+        &["baseline", "update", "now.json", "--baseline", "b.toml"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("key tests.\"x\".peak_bytes"));
     let kept = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
@@ -167,7 +273,11 @@ fn an_interrupted_write_leaves_the_old_baseline() {
     let before = std::fs::read(dir.path().join("b.toml")).unwrap();
     // The rename cannot replace a directory: the write fails after the temporary was written.
     std::fs::create_dir(dir.path().join("dir.toml")).unwrap();
-    let out = memgauge(dir.path(), &["baseline", "update", "now.json", "--baseline", "dir.toml"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &["baseline", "update", "now.json", "--baseline", "dir.toml"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("dir.toml: cannot"));
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
@@ -182,10 +292,26 @@ fn an_interrupted_write_leaves_the_old_baseline() {
 #[test]
 fn merge_refuses_duplicates_unless_told() {
     let dir = setup(1);
-    let out = memgauge(dir.path(), &["merge", "base.json", "now.json", "-o", "m.json"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &["merge", "base.json", "now.json", "-o", "m.json"],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("now.json: test \"t.py::a\" is also in an earlier input"));
-    let out = memgauge(dir.path(), &["merge", "base.json", "now.json", "-o", "m.json", "--prefer", "last"], &[]);
+    let out = memgauge(
+        dir.path(),
+        &[
+            "merge",
+            "base.json",
+            "now.json",
+            "-o",
+            "m.json",
+            "--prefer",
+            "last",
+        ],
+        &[],
+    );
     assert_eq!(out.status.code(), Some(0));
     let merged: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
@@ -209,7 +335,10 @@ fn github_annotations_and_step_summary() {
         "::error file=t.py,line=3,title=memgauge%3A memory regression::t.py::a: peak 9.54 MiB -> 11.44 MiB"
     ));
     let markdown = std::fs::read_to_string(summary).unwrap();
-    assert!(markdown.contains("| :red_circle: regression | `t.py::a` | peak |"), "{markdown}");
+    assert!(
+        markdown.contains("| :red_circle: regression | `t.py::a` | peak |"),
+        "{markdown}"
+    );
 }
 
 #[test]

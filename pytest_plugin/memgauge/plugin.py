@@ -80,8 +80,13 @@ class Settings:
     def load(cls, config: pytest.Config) -> Settings:
         pyproject = cfg.read_pyproject(config.rootpath)
         values: dict[str, Any] = {}
+        # A relative path on the command line is relative to where pytest was started (like
+        # --junitxml); one from a config file is relative to the rootdir.
+        output_base = config.rootpath
         for option in cfg.OPTIONS:
             value = config.getoption(option.dest)
+            if value is not None and option.name == "output":
+                output_base = config.invocation_params.dir
             if value is None and option.name in pyproject:
                 value = cfg.coerce(option, pyproject[option.name], "[tool.memgauge]")
             if value is None:
@@ -93,7 +98,7 @@ class Settings:
             default_limit = parse_limits("default-limit", (values["default-limit"],), {})
         output = Path(values["output"])
         if not output.is_absolute():
-            output = config.rootpath / output
+            output = output_base / output
         return cls(
             memprof=bool(values["memprof"]),
             output=output,
