@@ -135,9 +135,7 @@ impl Comparison {
 pub fn compare(results: &Results, baseline: &Baseline, policy: &Policy) -> Comparison {
     let mut comparison = Comparison::default();
     let mut seen = std::collections::HashSet::with_capacity(results.tests.len());
-    let mut entries: Vec<_> = results.entries().collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    for (id, record) in entries {
+    for (id, record) in results.entries() {
         seen.insert(id.as_str());
         let current = |figure: Figure| figure.value(record);
         let Some(entry) = baseline.tests.get(id) else {
