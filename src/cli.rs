@@ -147,12 +147,11 @@ struct Settings {
 impl Settings {
     fn load(explicit: Option<&Path>) -> Result<Settings> {
         let path = explicit.map_or_else(|| PathBuf::from("pyproject.toml"), Path::to_owned);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match read_text(&path, "") {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
-                return Ok(Settings::default());
-            }
-            Err(_) => return read_text(&path, "").map(|_| Settings::default()),
+            // Without --config, no pyproject.toml just means no settings.
+            Err(Error::Missing { .. }) if explicit.is_none() => return Ok(Settings::default()),
+            Err(error) => return Err(error),
         };
         let document: toml::Table = text.parse().map_err(|e: toml::de::Error| Error::Toml {
             path: path.clone(),

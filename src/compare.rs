@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::baseline::{Baseline, FIGURES};
+use crate::baseline::{Baseline, Entry, FIGURES};
 use crate::results::{Results, TestRecord};
 
 /// A figure that can be gated.
@@ -130,6 +130,36 @@ impl Comparison {
     pub fn has_regressions(&self) -> bool {
         !self.regressions.is_empty()
     }
+
+    /// Records a test's verdict, with the figures of whichever sides it has.
+    fn add(
+        &mut self,
+        test: &str,
+        status: Status,
+        entry: Option<&Entry>,
+        record: Option<&TestRecord>,
+    ) {
+        match status {
+            Status::New => self.new_tests.push(test.to_owned()),
+            Status::Missing => self.missing_tests.push(test.to_owned()),
+            Status::Unmeasured => self.unmeasured_tests.push(test.to_owned()),
+            Status::Passed | Status::Regressed => {}
+        }
+        let figures = Figure::ALL
+            .iter()
+            .map(|&figure| {
+                let base = entry.and_then(|e| e.figures.get(figure.key()).copied());
+                (figure.key(), base, record.and_then(|r| figure.value(r)))
+            })
+            .collect();
+        self.verdicts.push(Verdict {
+            test: test.to_owned(),
+            status,
+            file: record.and_then(|r| r.file.clone()),
+            line: record.and_then(|r| r.line),
+            figures,
+        });
+    }
 }
 
 pub fn compare(results: &Results, baseline: &Baseline, policy: &Policy) -> Comparison {
@@ -138,43 +168,16 @@ pub fn compare(results: &Results, baseline: &Baseline, policy: &Policy) -> Compa
     for (id, record) in results.entries() {
         seen.insert(id.as_str());
         let current = |figure: Figure| figure.value(record);
-        let Some(entry) = baseline.tests.get(id) else {
+        let entry = baseline.tests.get(id);
+        let (Some(entry), Some(_)) = (entry, record.peak_bytes) else {
             let status = if record.peak_bytes.is_some() {
                 Status::New
             } else {
                 Status::Unmeasured
             };
-            match status {
-                Status::New => comparison.new_tests.push(id.clone()),
-                _ => comparison.unmeasured_tests.push(id.clone()),
-            }
-            comparison.verdicts.push(Verdict {
-                test: id.clone(),
-                status,
-                file: record.file.clone(),
-                line: record.line,
-                figures: Figure::ALL
-                    .iter()
-                    .map(|&f| (f.key(), None, current(f)))
-                    .collect(),
-            });
+            comparison.add(id, status, entry, Some(record));
             continue;
         };
-        let figures = Figure::ALL
-            .iter()
-            .map(|&f| (f.key(), entry.figures.get(f.key()).copied(), current(f)))
-            .collect();
-        if record.peak_bytes.is_none() {
-            comparison.unmeasured_tests.push(id.clone());
-            comparison.verdicts.push(Verdict {
-                test: id.clone(),
-                status: Status::Unmeasured,
-                file: record.file.clone(),
-                line: record.line,
-                figures,
-            });
-            continue;
-        }
         let tolerance = entry.thresholds.tolerance.unwrap_or(policy.tolerance);
         let bytes_floor = entry.thresholds.floor.unwrap_or(policy.floor);
         let mut regressed = false;
@@ -219,31 +222,16 @@ pub fn compare(results: &Results, baseline: &Baseline, policy: &Policy) -> Compa
         if !changed {
             comparison.unchanged += 1;
         }
-        comparison.verdicts.push(Verdict {
-            test: id.clone(),
-            status: if regressed {
-                Status::Regressed
-            } else {
-                Status::Passed
-            },
-            file: record.file.clone(),
-            line: record.line,
-            figures,
-        });
+        let status = if regressed {
+            Status::Regressed
+        } else {
+            Status::Passed
+        };
+        comparison.add(id, status, Some(entry), Some(record));
     }
     for (id, entry) in &baseline.tests {
         if !seen.contains(id.as_str()) {
-            comparison.missing_tests.push(id.clone());
-            comparison.verdicts.push(Verdict {
-                test: id.clone(),
-                status: Status::Missing,
-                file: None,
-                line: None,
-                figures: Figure::ALL
-                    .iter()
-                    .map(|&f| (f.key(), entry.figures.get(f.key()).copied(), None))
-                    .collect(),
-            });
+            comparison.add(id, Status::Missing, Some(entry), None);
         }
     }
     comparison

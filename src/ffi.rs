@@ -203,10 +203,8 @@ mod python {
             (self.generation.get() == GENERATION.load(Acquire)).then(|| self.mask.get())
         }
 
-        fn membership(&self, engine: &Engine) -> ScopeMask {
-            if let Some(mask) = self.cached_mask() {
-                return mask;
-            }
+        /// Recomputes which scopes follow this thread (after a scope opened or closed).
+        fn refresh_membership(&self, engine: &Engine) -> ScopeMask {
             let generation = GENERATION.load(Acquire);
             let mask = engine.tracker.membership(current_thread_id());
             self.generation.set(generation);
@@ -271,7 +269,8 @@ mod python {
     }
 
     fn record_alloc(thread: &ThreadState, address: *mut c_void, size: usize, check_gil: bool) {
-        if thread.cached_mask() == Some(0) {
+        let cached = thread.cached_mask();
+        if cached == Some(0) {
             return;
         }
         // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
@@ -286,7 +285,7 @@ mod python {
             }
             return;
         };
-        let mask = thread.membership(engine);
+        let mask = cached.unwrap_or_else(|| thread.refresh_membership(engine));
         let site = engine.sites.intern(site);
         engine.tracker.on_alloc(address as usize, size, site, mask);
     }

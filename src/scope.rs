@@ -46,8 +46,10 @@ pub struct Scope {
 
 /// The OS ids of the threads running now: the ones a new scope does not follow.
 fn running_threads(py: Python<'_>) -> Vec<u64> {
-    let mut ids = crate::proc::thread_ids().unwrap_or_default();
-    // Python's own list covers platforms without /proc.
+    if let Some(ids) = crate::proc::thread_ids() {
+        return ids;
+    }
+    // Without /proc, Python's own list of threads is what there is.
     let python_ids = py
         .import("threading")
         .and_then(|threading| threading.call_method0("enumerate"))
@@ -58,8 +60,7 @@ fn running_threads(py: Python<'_>) -> Vec<u64> {
                 .collect::<PyResult<Vec<_>>>()
         })
         .unwrap_or_default();
-    ids.extend(python_ids.into_iter().flatten());
-    ids
+    python_ids.into_iter().flatten().collect()
 }
 
 impl Scope {

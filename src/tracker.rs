@@ -269,10 +269,7 @@ impl Tracker {
             site,
             mask,
         };
-        if let Some(stale) = self.blocks.insert(address, block) {
-            // The address was freed where no hook saw it (a hook was bypassed): forget it.
-            self.discharge(&stale);
-        }
+        self.insert_block(address, block);
         let bytes = size as u64;
         for slot in slots(mask) {
             let Some(scope) = self.scopes[slot].as_mut() else {
@@ -298,14 +295,19 @@ impl Tracker {
 
     /// Puts back a block taken by [`Tracker::on_free`] whose realloc failed.
     pub fn restore(&mut self, address: usize, block: Block) {
-        if let Some(stale) = self.blocks.insert(address, block) {
-            self.discharge(&stale);
-        }
+        self.insert_block(address, block);
         let bytes = block.size as u64;
         self.each_counting_scope(&block, |scope| {
             scope.live += bytes;
             scope.site(block.site).live += bytes;
         });
+    }
+
+    fn insert_block(&mut self, address: usize, block: Block) {
+        if let Some(stale) = self.blocks.insert(address, block) {
+            // The address was freed where no hook saw it (a hook was bypassed): forget it.
+            self.discharge(&stale);
+        }
     }
 
     fn discharge(&mut self, block: &Block) {
