@@ -27,6 +27,19 @@ pub fn page_size() -> u64 {
     4096
 }
 
+/// Hints the CPU to start loading the cache line of `value`; a no-op where there is no hint.
+#[inline]
+pub fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and has no architectural effect; SSE is part of x86_64.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// The OS id of the calling thread: the value `threading.get_native_id()` returns.
 pub fn current_thread_id() -> u64 {
     #[cfg(target_os = "linux")]
@@ -72,7 +85,7 @@ mod python {
     use pyo3::types::PyCapsule;
 
     use super::current_thread_id;
-    use crate::tracker::{FastMap, ScopeMask, SiteId, Tracker, NATIVE_SITE};
+    use crate::tracker::{Event, FastMap, ScopeMask, SiteId, Tracker, NATIVE_SITE};
 
     // ----- engine state -----
 
@@ -287,11 +300,20 @@ mod python {
         };
         let mask = cached.unwrap_or_else(|| thread.refresh_membership(engine));
         let site = engine.sites.intern(site);
-        engine.tracker.on_alloc(address as usize, size, site, mask);
+        if mask != 0 {
+            engine.tracker.record(Event::Alloc {
+                address: address as usize,
+                size,
+                site,
+                mask,
+            });
+        }
     }
 
-    fn forget(address: *mut c_void) -> Option<crate::tracker::Block> {
-        lock().as_mut()?.tracker.on_free(address as usize)
+    fn record(event: Event) {
+        if let Some(engine) = lock().as_mut() {
+            engine.tracker.record(event);
+        }
     }
 
     fn traced_alloc(
@@ -325,15 +347,19 @@ mod python {
         }
         on_thread(
             |thread| {
-                let old_block = if old.is_null() { None } else { forget(old) };
+                if !old.is_null() {
+                    record(Event::ReallocFree {
+                        address: old as usize,
+                    });
+                }
                 let address = reallocate();
                 if !address.is_null() {
                     record_alloc(thread, address, new_size, check_gil);
-                } else if let (Some(block), true) = (old_block, new_size > 0) {
+                } else if !old.is_null() && new_size > 0 {
                     // The realloc failed and the old block is still there.
-                    if let Some(engine) = lock().as_mut() {
-                        engine.tracker.restore(old as usize, block);
-                    }
+                    record(Event::Restore {
+                        address: old as usize,
+                    });
                 }
                 address
             },
@@ -347,7 +373,9 @@ mod python {
         }
         on_thread(
             |_| {
-                forget(address);
+                record(Event::Free {
+                    address: address as usize,
+                });
                 release();
             },
             &release,

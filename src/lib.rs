@@ -1,6 +1,7 @@
 //! memgauge: exact, deterministic memory figures for Python code, and a gate for CI.
 
 pub mod baseline;
+pub mod blocks;
 pub mod cli;
 pub mod compare;
 pub mod error;
