@@ -27,19 +27,6 @@ pub fn page_size() -> u64 {
     4096
 }
 
-/// Hints the CPU to start loading the cache line of `value`; a no-op where there is no hint.
-#[inline]
-pub fn prefetch<T>(value: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults and has no architectural effect; SSE is part of x86_64.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = value;
-}
-
 /// The OS id of the calling thread: the value `threading.get_native_id()` returns.
 pub fn current_thread_id() -> u64 {
     #[cfg(target_os = "linux")]
@@ -85,7 +72,7 @@ mod python {
     use pyo3::types::PyCapsule;
 
     use super::current_thread_id;
-    use crate::tracker::{Event, FastMap, ScopeMask, SiteId, Tracker, NATIVE_SITE};
+    use crate::tracker::{FastMap, ScopeMask, SiteId, Tracker, NATIVE_SITE};
 
     // ----- engine state -----
 
@@ -97,9 +84,14 @@ mod python {
     // SAFETY: the pointer is only dereferenced (refcounts, attributes) with the GIL held.
     unsafe impl Send for CodeRef {}
 
+    /// Entries in the direct-mapped cache in front of the site index: a program allocates from
+    /// few sites at a time, and the cache answers most lookups with one compare.
+    const SITE_CACHE: usize = 1024;
+
     #[derive(Default)]
     struct SiteTable {
         index: FastMap<(usize, c_int), SiteId>,
+        cache: Vec<(usize, c_int, SiteId)>,
         /// `sites[i - 1]` is site `i`; site 0 is "no Python frame".
         sites: Vec<(CodeRef, c_int)>,
     }
@@ -110,7 +102,24 @@ mod python {
             let Some((code, offset)) = site else {
                 return NATIVE_SITE;
             };
-            if let Some(&id) = self.index.get(&(code as usize, offset)) {
+            let key = (code as usize, offset);
+            let slot = ((key.0 as u64 ^ (key.1 as u64).rotate_left(32))
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                >> (64 - SITE_CACHE.trailing_zeros())) as usize;
+            if self.cache.is_empty() {
+                self.cache = vec![(0, 0, NATIVE_SITE); SITE_CACHE];
+            }
+            let cached = self.cache[slot];
+            let found = if (cached.0, cached.1) == key && cached.2 != NATIVE_SITE {
+                Some(cached.2)
+            } else {
+                let found = self.index.get(&key).copied();
+                if let Some(id) = found {
+                    self.cache[slot] = (key.0, key.1, id);
+                }
+                found
+            };
+            if let Some(id) = found {
                 // SAFETY: `code` is a strong reference we own; the frame holds another, so this
                 // never frees and cannot re-enter the allocator.
                 unsafe { ffi::Py_DECREF(code) };
@@ -118,7 +127,8 @@ mod python {
             }
             self.sites.push((CodeRef(code), offset));
             let id = self.sites.len() as SiteId;
-            self.index.insert((code as usize, offset), id);
+            self.index.insert(key, id);
+            self.cache[slot] = (key.0, key.1, id);
             id
         }
     }
@@ -300,20 +310,11 @@ mod python {
         };
         let mask = cached.unwrap_or_else(|| thread.refresh_membership(engine));
         let site = engine.sites.intern(site);
-        if mask != 0 {
-            engine.tracker.record(Event::Alloc {
-                address: address as usize,
-                size,
-                site,
-                mask,
-            });
-        }
+        engine.tracker.on_alloc(address as usize, size, site, mask);
     }
 
-    fn record(event: Event) {
-        if let Some(engine) = lock().as_mut() {
-            engine.tracker.record(event);
-        }
+    fn forget(address: *mut c_void) -> Option<crate::tracker::Block> {
+        lock().as_mut()?.tracker.on_free(address as usize)
     }
 
     fn traced_alloc(
@@ -347,19 +348,15 @@ mod python {
         }
         on_thread(
             |thread| {
-                if !old.is_null() {
-                    record(Event::ReallocFree {
-                        address: old as usize,
-                    });
-                }
+                let old_block = if old.is_null() { None } else { forget(old) };
                 let address = reallocate();
                 if !address.is_null() {
                     record_alloc(thread, address, new_size, check_gil);
-                } else if !old.is_null() && new_size > 0 {
+                } else if let (Some(block), true) = (old_block, new_size > 0) {
                     // The realloc failed and the old block is still there.
-                    record(Event::Restore {
-                        address: old as usize,
-                    });
+                    if let Some(engine) = lock().as_mut() {
+                        engine.tracker.restore(old as usize, block);
+                    }
                 }
                 address
             },
@@ -373,9 +370,7 @@ mod python {
         }
         on_thread(
             |_| {
-                record(Event::Free {
-                    address: address as usize,
-                });
+                forget(address);
                 release();
             },
             &release,

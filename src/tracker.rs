@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::blocks::BlockTable;
+use crate::blocks::Blocks;
 
 /// How many scopes may be open at once (one bit each in a block's scope mask).
 pub const MAX_SCOPES: usize = 32;
@@ -40,47 +40,6 @@ impl Block {
         mask: 0,
     };
 }
-
-/// What the hooks saw, queued and applied in batches (see [`Tracker::record`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    Alloc {
-        address: usize,
-        size: usize,
-        site: SiteId,
-        mask: ScopeMask,
-    },
-    Free {
-        address: usize,
-    },
-    /// The old block of a realloc, freed but kept aside in case the realloc fails.
-    ReallocFree {
-        address: usize,
-    },
-    /// The realloc of `address` failed: its block is alive again.
-    Restore {
-        address: usize,
-    },
-}
-
-impl Event {
-    fn address(&self) -> usize {
-        match *self {
-            Event::Alloc { address, .. }
-            | Event::Free { address }
-            | Event::ReallocFree { address }
-            | Event::Restore { address } => address,
-        }
-    }
-}
-
-/// Events applied at a time, and how far ahead of the one being applied the table lookup of
-/// another is started. Measured on a recorded trace of `bench/engine.py`: a lookahead of 4 to 16
-/// cut the table's cost by a third; 256 events keep the queue in the L1 cache.
-const BATCH: usize = 256;
-const LOOKAHEAD: usize = 8;
-/// Old blocks of recent reallocs, kept for a [`Event::Restore`].
-const REALLOC_RING: usize = 8;
 
 #[derive(Debug, Clone, Copy, Default)]
 struct SiteCounter {
@@ -197,16 +156,12 @@ impl Hasher for FoldHasher {
 
 pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FoldHasher>>;
 
-
 #[derive(Default)]
 pub struct Tracker {
-    blocks: BlockTable,
+    blocks: Blocks,
     scopes: [Option<ScopeState>; MAX_SCOPES],
     open_mask: ScopeMask,
     epochs_opened: u32,
-    pending: Vec<Event>,
-    realloc_ring: [(usize, Option<Block>); REALLOC_RING],
-    realloc_next: usize,
 }
 
 /// The slots whose bits are set in `mask`, lowest first.
@@ -238,7 +193,6 @@ impl Tracker {
             return Err(TrackerError::TooManyScopes);
         }
         threads_before.sort_unstable();
-        self.flush();
         self.epochs_opened += 1;
         self.scopes[slot] = Some(ScopeState {
             epoch: self.epochs_opened,
@@ -252,16 +206,14 @@ impl Tracker {
 
     /// Closes a scope and returns its figures. When the last scope closes, every record goes.
     pub fn close_scope(&mut self, slot: usize) -> Result<ScopeFigures, TrackerError> {
-        if !self.scopes.get(slot).is_some_and(Option::is_some) {
-            return Err(TrackerError::NotOpen(slot));
-        }
-        // The events still queued belong to this scope too.
-        self.flush();
-        let scope = self.scopes[slot].take().ok_or(TrackerError::NotOpen(slot))?;
+        let scope = self
+            .scopes
+            .get_mut(slot)
+            .and_then(Option::take)
+            .ok_or(TrackerError::NotOpen(slot))?;
         self.open_mask &= !(1 << slot);
         if self.open_mask == 0 {
-            self.blocks = BlockTable::default();
-            self.realloc_ring = Default::default();
+            self.blocks = Blocks::default();
         }
         let mut sites_at_peak: Vec<(SiteId, u64)> = scope
             .sites
@@ -291,67 +243,7 @@ impl Tracker {
             .fold(0, |mask, slot| mask | (1 << slot))
     }
 
-    /// Queues what a hook saw; the queue is applied, in order, when it is full and before a
-    /// scope opens or closes. Applying many at once lets the table lookups overlap.
-    pub fn record(&mut self, event: Event) {
-        if self.pending.capacity() == 0 {
-            self.pending.reserve_exact(BATCH);
-        }
-        self.pending.push(event);
-        if self.pending.len() >= BATCH {
-            self.flush();
-        }
-    }
-
-    /// Applies the queued events.
-    pub fn flush(&mut self) {
-        let events = std::mem::take(&mut self.pending);
-        for (index, event) in events.iter().enumerate() {
-            if let Some(ahead) = events.get(index + LOOKAHEAD) {
-                self.blocks.prefetch(ahead.address());
-            }
-            self.apply(*event);
-        }
-        self.pending = events;
-        self.pending.clear();
-    }
-
-    fn apply(&mut self, event: Event) {
-        match event {
-            Event::Alloc {
-                address,
-                size,
-                site,
-                mask,
-            } => self.on_alloc(address, size, site, mask),
-            Event::Free { address } => {
-                self.on_free(address);
-            }
-            Event::ReallocFree { address } => {
-                if let Some(block) = self.on_free(address) {
-                    self.realloc_ring[self.realloc_next] = (address, Some(block));
-                    self.realloc_next = (self.realloc_next + 1) % REALLOC_RING;
-                }
-            }
-            Event::Restore { address } => {
-                // The most recent realloc of `address` is the one that failed.
-                let newest_first = (1..=REALLOC_RING).map(|back| {
-                    (self.realloc_next + REALLOC_RING - back) % REALLOC_RING
-                });
-                for index in newest_first {
-                    if self.realloc_ring[index].0 == address {
-                        if let Some(block) = self.realloc_ring[index].1.take() {
-                            self.restore(address, block);
-                        }
-                        break;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Records a new block allocated by a thread that the scopes in `mask` follow, at once
-    /// (after whatever is queued, when called through [`Tracker::record`]).
+    /// Records a new block allocated by a thread that the scopes in `mask` follow.
     pub fn on_alloc(&mut self, address: usize, size: usize, site: SiteId, mask: ScopeMask) {
         let mask = mask & self.open_mask;
         if mask == 0 {
@@ -559,28 +451,6 @@ mod tests {
         assert_eq!(tracker.close_scope(99), Err(TrackerError::NotOpen(99)));
     }
 
-    #[test]
-    fn queued_realloc_that_fails_restores_the_newest_block() {
-        let mut tracker = Tracker::default();
-        let slot = open(&mut tracker);
-        let mask = all(&tracker);
-        let alloc = |address, size| Event::Alloc {
-            address,
-            size,
-            site: 1,
-            mask,
-        };
-        // An earlier successful realloc left 0x1000's old block in the ring.
-        tracker.record(alloc(0x1000, 10));
-        tracker.record(Event::ReallocFree { address: 0x1000 });
-        tracker.record(alloc(0x2000, 20));
-        tracker.record(alloc(0x1000, 30));
-        tracker.record(Event::ReallocFree { address: 0x1000 });
-        tracker.record(Event::Restore { address: 0x1000 });
-        let figures = tracker.close_scope(slot).unwrap();
-        assert_eq!((figures.leaked_bytes, figures.peak_bytes), (50, 50));
-    }
-
     proptest::proptest! {
         /// Whatever the order of allocations and frees, the sites at the peak add up to the peak,
         /// and the peak and the leak match a direct replay.
@@ -607,32 +477,6 @@ mod tests {
             proptest::prop_assert_eq!(figures.leaked_bytes, current);
             let sum: u64 = figures.sites_at_peak.iter().map(|s| s.1).sum();
             proptest::prop_assert_eq!(sum, peak);
-        }
-
-        /// Queued events, applied in batches with lookahead, give what applying each at once gives.
-        #[test]
-        fn queued_events_match_direct_ones(ops in proptest::collection::vec((1usize..200, 1usize..5000, 0u32..6, 0u8..4), 1..2000)) {
-            let (mut queued, mut direct) = (Tracker::default(), Tracker::default());
-            let (slot, _) = (open(&mut queued), open(&mut direct));
-            let mask = all(&queued);
-            for (unit, size, site, kind) in ops {
-                let address = unit * 16;
-                match kind {
-                    0 | 1 => {
-                        queued.record(Event::Alloc { address, size, site, mask });
-                        direct.on_alloc(address, size, site, mask);
-                    }
-                    2 => {
-                        queued.record(Event::Free { address });
-                        direct.on_free(address);
-                    }
-                    _ => {
-                        queued.record(Event::ReallocFree { address });
-                        queued.record(Event::Restore { address });
-                    }
-                }
-            }
-            proptest::prop_assert_eq!(queued.close_scope(slot).unwrap(), direct.close_scope(slot).unwrap());
         }
     }
 }
