@@ -4,7 +4,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::scope::{Measurement, Scope};
+use crate::scope::{Measurement, Scope, SiteBytes};
 use crate::size;
 
 /// A measurement scope: `with memgauge.measure() as m:`; the figures are read after the block.
@@ -135,18 +135,14 @@ impl PyScope {
     /// `line`, `function` and `bytes`.
     #[getter]
     fn top_sites<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        self.result()?
-            .top_sites
-            .iter()
-            .map(|site| {
-                let dict = PyDict::new(py);
-                dict.set_item("file", &site.location.file)?;
-                dict.set_item("line", site.location.line)?;
-                dict.set_item("function", &site.location.function)?;
-                dict.set_item("bytes", site.bytes)?;
-                Ok(dict)
-            })
-            .collect()
+        site_dicts(py, &self.result()?.top_sites)
+    }
+
+    /// The lines that still held the most memory when the scope closed (what `leaked_bytes`
+    /// is made of), largest first, in the form of `top_sites`.
+    #[getter]
+    fn leak_sites<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        site_dicts(py, &self.result()?.leak_sites)
     }
 
     /// All figures as a dict, in the results file's keys.
@@ -178,6 +174,20 @@ impl PyScope {
             None => "<memgauge.Scope not started>".to_owned(),
         }
     }
+}
+
+fn site_dicts<'py>(py: Python<'py>, sites: &[SiteBytes]) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    sites
+        .iter()
+        .map(|site| {
+            let dict = PyDict::new(py);
+            dict.set_item("file", &site.location.file)?;
+            dict.set_item("line", site.location.line)?;
+            dict.set_item("function", &site.location.function)?;
+            dict.set_item("bytes", site.bytes)?;
+            Ok(dict)
+        })
+        .collect()
 }
 
 /// Parses a size such as "50 MiB" into bytes (B, KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024).

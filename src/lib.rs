@@ -16,6 +16,8 @@ pub mod tracker;
 #[cfg(feature = "python")]
 mod bindings;
 #[cfg(feature = "python")]
+mod lines;
+#[cfg(feature = "python")]
 pub mod scope;
 
 #[cfg(feature = "python")]
@@ -23,6 +25,8 @@ pub mod scope;
 mod _native {
     #[pymodule_export]
     use crate::bindings::{cli_main, format_size, parse_size, rss_bytes, PyScope};
+    #[pymodule_export]
+    use crate::lines::LineTracer;
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -117,12 +117,16 @@ impl Results {
                     }
                 }
                 (Some("start"), Some(id)) => running = Some(id),
-                (Some("test"), Some(id)) => {
+                (Some(kind @ ("test" | "benchmark")), Some(id)) => {
                     let mut record = event.as_object().cloned().unwrap_or_default();
                     record.remove("event");
                     record.remove("id");
                     let record: TestRecord = serde_json::from_value(Value::Object(record))
                         .map_err(|e| Error::invalid(path, format!("line {}: {e}", index + 1)))?;
+                    if kind == "benchmark" {
+                        results.benchmarks.insert(id, record);
+                        continue;
+                    }
                     if running.as_deref() == Some(&id) {
                         running = None;
                     }
@@ -225,9 +229,11 @@ mod tests {
         let stream = "{\"event\": \"session\", \"environment\": {\"python\": \"3.11\"}}\n\
             {\"event\": \"start\", \"id\": \"t.py::a\"}\n\
             {\"event\": \"test\", \"id\": \"t.py::a\", \"outcome\": \"passed\", \"peak_bytes\": 5}\n\
-            {\"event\": \"start\", \"id\": \"t.py::dies\"}\n";
+            {\"event\": \"start\", \"id\": \"t.py::dies\"}\n\
+            {\"event\": \"benchmark\", \"id\": \"t.py::dies::build\", \"outcome\": \"passed\", \"peak_bytes\": 7}\n";
         let results = Results::parse(Path::new("r.json.partial"), stream).unwrap();
         assert_eq!(results.tests["t.py::a"].peak_bytes, Some(5));
+        assert_eq!(results.benchmarks["t.py::dies::build"].peak_bytes, Some(7));
         assert!(results.tests["t.py::dies"].crashed);
     }
 

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 
 use crate::ffi::{self, SiteLocation};
 use crate::rss;
-use crate::tracker::TrackerError;
+use crate::tracker::{SiteId, TrackerError};
 
 /// A `file:line` and the bytes it held at the scope's peak.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct Measurement {
     pub duration_s: f64,
     /// The lines that held the most at the peak, largest first.
     pub top_sites: Vec<SiteBytes>,
+    /// The lines that still held the most at the end, largest first.
+    pub leak_sites: Vec<SiteBytes>,
 }
 
 /// An open measurement. Close it with [`Scope::close`]; dropping it closes it too.
@@ -66,7 +68,19 @@ fn running_threads(py: Python<'_>) -> Vec<u64> {
 impl Scope {
     /// Opens a scope on the calling thread, reporting up to `top_sites` lines at the peak.
     pub fn open(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
-        let threads_before = running_threads(py);
+        Self::open_following(py, top_sites, running_threads(py))
+    }
+
+    /// Opens a scope that follows every thread, the ones running now included.
+    pub fn open_all_threads(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
+        Self::open_following(py, top_sites, Vec::new())
+    }
+
+    fn open_following(
+        py: Python<'_>,
+        top_sites: usize,
+        threads_before: Vec<u64>,
+    ) -> Result<Scope, TrackerError> {
         let opener = ffi::current_thread_id();
         let rss_window = rss::open_window();
         let started = Instant::now();
@@ -90,6 +104,11 @@ impl Scope {
         })
     }
 
+    /// The tracker slot of the open scope.
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
+    }
+
     /// Closes the scope and returns its figures.
     pub fn close(mut self, py: Python<'_>) -> Measurement {
         self.finish(py)
@@ -109,30 +128,9 @@ impl Scope {
             .map(rss::close_window)
             .unwrap_or_default();
 
-        // Resolving a site calls Python; the largest few hundred decide the top lines.
-        let ids: Vec<_> = figures
-            .sites_at_peak
-            .iter()
-            .take(256)
-            .map(|&(id, _)| id)
-            .collect();
-        let locations = ffi::locate_sites(py, &ids);
+        let top_sites = top_locations(py, &figures.sites_at_peak, self.top_sites);
+        let leak_sites = top_locations(py, &figures.sites_leaked, self.top_sites);
         ffi::release_sites_if_idle(py);
-        let mut merged: HashMap<SiteLocation, u64> = HashMap::new();
-        for (location, &(_, bytes)) in locations.into_iter().zip(&figures.sites_at_peak) {
-            *merged.entry(location).or_default() += bytes;
-        }
-        let mut top_sites: Vec<SiteBytes> = merged
-            .into_iter()
-            .map(|(location, bytes)| SiteBytes { location, bytes })
-            .collect();
-        top_sites.sort_by(|a, b| {
-            b.bytes
-                .cmp(&a.bytes)
-                .then_with(|| a.location.file.cmp(&b.location.file))
-                .then(a.location.line.cmp(&b.location.line))
-        });
-        top_sites.truncate(self.top_sites);
 
         Measurement {
             peak_bytes: figures.peak_bytes,
@@ -145,8 +143,32 @@ impl Scope {
             numpy_traced,
             duration_s,
             top_sites,
+            leak_sites,
         }
     }
+}
+
+/// The `limit` lines with the most bytes, sites on the same line merged.
+fn top_locations(py: Python<'_>, sites: &[(SiteId, u64)], limit: usize) -> Vec<SiteBytes> {
+    // Resolving a site calls Python; the largest few hundred decide the top lines.
+    let ids: Vec<_> = sites.iter().take(256).map(|&(id, _)| id).collect();
+    let locations = ffi::locate_sites(py, &ids);
+    let mut merged: HashMap<SiteLocation, u64> = HashMap::new();
+    for (location, &(_, bytes)) in locations.into_iter().zip(sites) {
+        *merged.entry(location).or_default() += bytes;
+    }
+    let mut top: Vec<SiteBytes> = merged
+        .into_iter()
+        .map(|(location, bytes)| SiteBytes { location, bytes })
+        .collect();
+    top.sort_by(|a, b| {
+        b.bytes
+            .cmp(&a.bytes)
+            .then_with(|| a.location.file.cmp(&b.location.file))
+            .then(a.location.line.cmp(&b.location.line))
+    });
+    top.truncate(limit);
+    top
 }
 
 impl Drop for Scope {

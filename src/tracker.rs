@@ -108,6 +108,8 @@ pub struct ScopeFigures {
     pub allocations: u64,
     /// Bytes each site held at the peak, largest first; they add up to `peak_bytes`.
     pub sites_at_peak: Vec<(SiteId, u64)>,
+    /// Bytes each site still held at the end, largest first; they add up to `leaked_bytes`.
+    pub sites_leaked: Vec<(SiteId, u64)>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -215,21 +217,38 @@ impl Tracker {
         if self.open_mask == 0 {
             self.blocks = Blocks::default();
         }
-        let mut sites_at_peak: Vec<(SiteId, u64)> = scope
-            .sites
-            .iter()
-            .enumerate()
-            .map(|(site, counter)| (site as SiteId, counter.bytes_at_peak(scope.peak_version)))
-            .filter(|&(_, bytes)| bytes > 0)
-            .collect();
-        sites_at_peak.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let ranked = |bytes: &dyn Fn(&SiteCounter) -> u64| {
+            let mut sites: Vec<(SiteId, u64)> = scope
+                .sites
+                .iter()
+                .enumerate()
+                .map(|(site, counter)| (site as SiteId, bytes(counter)))
+                .filter(|&(_, bytes)| bytes > 0)
+                .collect();
+            sites.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            sites
+        };
+        let sites_at_peak = ranked(&|counter| counter.bytes_at_peak(scope.peak_version));
+        let sites_leaked = ranked(&|counter| counter.live);
         Ok(ScopeFigures {
             peak_bytes: scope.peak,
             leaked_bytes: scope.live,
             allocated_bytes: scope.allocated,
             allocations: scope.allocations,
             sites_at_peak,
+            sites_leaked,
         })
+    }
+
+    /// A scope's live bytes and its high water mark since the last call (or since it opened);
+    /// the mark restarts from the live bytes, so the next call sees only what came after.
+    pub fn take_peak(&mut self, slot: usize) -> Option<(u64, u64)> {
+        let scope = self.scopes.get_mut(slot)?.as_mut()?;
+        let figures = (scope.live, scope.peak);
+        // The mark is now: every site's value at it is its live value.
+        scope.peak = scope.live;
+        scope.peak_version += 1;
+        Some(figures)
     }
 
     /// Which open scopes follow the thread `thread`.
@@ -345,7 +364,28 @@ mod tests {
         assert_eq!(figures.allocated_bytes, 80_000_212);
         assert_eq!(figures.allocations, 3);
         assert_eq!(figures.sites_at_peak, vec![(2, 72_000_056), (1, 8_000_056)]);
+        assert_eq!(figures.sites_leaked, vec![(1, 8_000_056), (3, 100)]);
         assert!(tracker.is_idle());
+    }
+
+    #[test]
+    fn take_peak_restarts_the_mark_from_the_live_bytes() {
+        let mut tracker = Tracker::default();
+        let slot = open(&mut tracker);
+        let mask = all(&tracker);
+        tracker.on_alloc(0x1000, 500, 1, mask);
+        tracker.on_free(0x1000);
+        tracker.on_alloc(0x2000, 100, 1, mask);
+        assert_eq!(tracker.take_peak(slot), Some((100, 500)));
+        tracker.on_alloc(0x3000, 50, 1, mask);
+        tracker.on_free(0x3000);
+        assert_eq!(tracker.take_peak(slot), Some((100, 150)));
+        assert_eq!(tracker.take_peak(slot), Some((100, 100)));
+        assert_eq!(tracker.take_peak(slot + 1), None);
+        // The scope's own peak is a mark like any other: the sites still add up to it.
+        let figures = tracker.close_scope(slot).unwrap();
+        assert_eq!(figures.peak_bytes, 100);
+        assert_eq!(figures.sites_at_peak.iter().map(|s| s.1).sum::<u64>(), 100);
     }
 
     #[test]

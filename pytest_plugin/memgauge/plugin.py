@@ -18,6 +18,7 @@ import pytest
 
 import memgauge
 from memgauge import config as cfg
+from memgauge.benchmark import Memit
 
 MEMLIMIT_HELP = """memlimit(peak=None, *, rss=None, leak=None, allocations=None):
 fail the test when it needs more memory. A positional size limits the traced peak:
@@ -41,6 +42,7 @@ FIGURES = (
     "rss_delta_bytes",
 )
 MEASUREMENT_KEY = pytest.StashKey[dict]()
+BENCHMARKS_KEY = pytest.StashKey[list]()
 SCOPE_KEY = pytest.StashKey[Any]()
 RESULTS_SCHEMA = 1
 
@@ -66,6 +68,19 @@ def pytest_configure(config: pytest.Config) -> None:
     except ValueError as error:
         raise pytest.UsageError(f"memgauge: {error}") from None
     config.pluginmanager.register(MemgaugePlugin(config, settings), "memgauge-plugin")
+
+
+@pytest.fixture
+def memit(request: pytest.FixtureRequest) -> Memit:
+    """Memory benchmark: ``memit(fn, *args, rounds=5, name=None, leak_per_round=None)``.
+
+    Warms up, measures ``rounds`` calls, records their median traced peak, leaked bytes and
+    allocations under ``<test id>::<name>`` in the results' ``benchmarks``, and returns the
+    warm-up call's result. ``leak_per_round="1 KiB"`` fails the test when retained memory grows
+    faster than that across rounds.
+    """
+    records = request.node.stash.setdefault(BENCHMARKS_KEY, [])
+    return Memit(request.node, records)
 
 
 @dataclass
@@ -178,6 +193,7 @@ class MemgaugePlugin:
         self.settings = settings
         self.is_worker = hasattr(config, "workerinput")
         self.results: dict[str, dict[str, Any]] = {}
+        self.benchmarks: dict[str, dict[str, Any]] = {}
         self.limits: dict[str, dict[str, int]] = {}
         self.paths: dict[str, str] = {}
         self.stream = None
@@ -264,6 +280,8 @@ class MemgaugePlugin:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo):
         report: pytest.TestReport = yield
+        if call.when == "call" and item.stash.get(BENCHMARKS_KEY, None):
+            report.memgauge_benchmarks = [dict(record) for record in item.stash[BENCHMARKS_KEY]]
         measured = item.stash.get(MEASUREMENT_KEY, None)
         when = "call" if self.settings.scope == "call" else "teardown"
         if measured is None or call.when != when:
@@ -325,9 +343,15 @@ class MemgaugePlugin:
             return
         record = getattr(report, "memgauge", None)
         key = self.result_key(report)
+        outcome = "passed" if report.passed else "skipped" if report.skipped else "failed"
+        for benchmark in getattr(report, "memgauge_benchmarks", None) or []:
+            benchmark = dict(benchmark)
+            benchmark_id = benchmark.pop("id")
+            entry = {"outcome": outcome, **benchmark}
+            self.benchmarks[benchmark_id] = entry
+            self.write_stream({"event": "benchmark", "id": benchmark_id, **entry})
         if record is not None:
             file, line, _ = report.location
-            outcome = "passed" if report.passed else "skipped" if report.skipped else "failed"
             entry = {
                 "outcome": outcome,
                 "file": file,
@@ -355,6 +379,8 @@ class MemgaugePlugin:
             "environment": environment(),
             "tests": self.results,
         }
+        if self.benchmarks:
+            document["benchmarks"] = self.benchmarks
         output = self.settings.output
         temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         with temporary.open("w", encoding="utf-8") as file:

@@ -1,0 +1,266 @@
+//! The line profiler's engine: per line of the profiled functions, the net traced bytes it
+//! added, the highest traced memory reached while it ran, how often it ran and the RSS after it.
+//!
+//! Line events come from a C trace function (`PyEval_SetTrace`, see [`crate::ffi::set_trace`]);
+//! events of code that is not profiled return at the first lookup. The traced figures come from
+//! a scope that follows every thread: at each event of a profiled frame, the scope's high water
+//! mark since the previous event is folded into every line still running (a caller's line runs
+//! while its callee does), then restarted.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::PyCode;
+
+use crate::ffi::{self, TraceFrame, TraceKind};
+use crate::scope::Scope;
+
+/// RSS is read at most this often: a read costs a few microseconds, more than a short line.
+const RSS_EVERY: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct LineStats {
+    increment: i64,
+    peak: u64,
+    rss: Option<u64>,
+    occurrences: u64,
+}
+
+/// A profiled frame that is running, and the line it is on.
+struct FrameRecord {
+    frame: usize,
+    code: usize,
+    line: Option<i32>,
+    start_live: u64,
+    max_live: u64,
+}
+
+struct Rss {
+    read_at: Option<Instant>,
+    bytes: Option<u64>,
+}
+
+impl Rss {
+    fn now(&mut self) -> Option<u64> {
+        let due = self.read_at.map_or(true, |at| at.elapsed() >= RSS_EVERY);
+        if due {
+            self.bytes = crate::proc::resident_bytes(None);
+            self.read_at = Some(Instant::now());
+        }
+        self.bytes
+    }
+}
+
+/// `(code, line, increment, peak, rss, occurrences)`.
+type StatsRow<'py> = (Bound<'py, PyCode>, i32, i64, u64, Option<u64>, u64);
+
+/// The Rust half of `memgauge.LineProfiler`.
+#[pyclass(module = "memgauge._native", name = "LineTracer")]
+pub struct LineTracer {
+    /// Profiled code objects by address, with their first line (the `def` or decorator line).
+    codes: HashMap<usize, (Py<PyCode>, i32)>,
+    /// The profiled frames running on each Python thread, innermost last.
+    stacks: HashMap<usize, Vec<FrameRecord>>,
+    stats: HashMap<(usize, i32), LineStats>,
+    scope: Option<Scope>,
+    rss: Rss,
+}
+
+impl LineTracer {
+    fn on_event(&mut self, py: Python<'_>, kind: TraceKind, code: usize, frame: TraceFrame<'_>) {
+        let Some(&(_, first_line)) = self.codes.get(&code) else {
+            return;
+        };
+        let Some(slot) = self.scope.as_ref().and_then(Scope::slot) else {
+            return;
+        };
+        let Some((live, peak)) = ffi::with_tracker(|tracker| tracker.take_peak(slot)).flatten()
+        else {
+            return;
+        };
+        for record in self.stacks.values_mut().flatten() {
+            record.max_live = record.max_live.max(peak);
+        }
+        let rss = self.rss.now();
+        let stack = self.stacks.entry(ffi::python_thread_key(py)).or_default();
+        let found = stack.iter().rposition(|record| record.frame == frame.key());
+        match (kind, found) {
+            (TraceKind::Call, _) => {
+                stack.push(FrameRecord {
+                    frame: frame.key(),
+                    code,
+                    line: None,
+                    start_live: live,
+                    max_live: live,
+                });
+                let stats = self.stats.entry((code, first_line)).or_default();
+                stats.occurrences += 1;
+                stats.rss = stats.rss.max(rss);
+            }
+            (TraceKind::Line, found) => {
+                let index = found.unwrap_or_else(|| {
+                    // Profiling started inside this frame: it begins here.
+                    stack.push(FrameRecord {
+                        frame: frame.key(),
+                        code,
+                        line: None,
+                        start_live: live,
+                        max_live: live,
+                    });
+                    stack.len() - 1
+                });
+                let record = &mut stack[index];
+                close_line(&mut self.stats, record, live, rss);
+                record.line = Some(frame.line());
+                record.start_live = live;
+                record.max_live = live;
+            }
+            (TraceKind::Return, Some(index)) => {
+                close_line(&mut self.stats, &stack[index], live, rss);
+                stack.truncate(index);
+            }
+            (TraceKind::Return, None) => {}
+        }
+    }
+}
+
+fn close_line(
+    stats: &mut HashMap<(usize, i32), LineStats>,
+    record: &FrameRecord,
+    live: u64,
+    rss: Option<u64>,
+) {
+    let Some(line) = record.line else {
+        return;
+    };
+    let stats = stats.entry((record.code, line)).or_default();
+    stats.increment += live as i64 - record.start_live as i64;
+    stats.peak = stats
+        .peak
+        .max(record.max_live.saturating_sub(record.start_live));
+    stats.rss = stats.rss.max(rss);
+    stats.occurrences += 1;
+}
+
+fn handle(
+    py: Python<'_>,
+    tracer: &Bound<'_, PyAny>,
+    kind: TraceKind,
+    code: usize,
+    frame: TraceFrame<'_>,
+) {
+    let Ok(tracer) = tracer.cast::<LineTracer>() else {
+        return;
+    };
+    let Ok(mut state) = tracer.try_borrow_mut() else {
+        return;
+    };
+    if state.scope.is_none() {
+        // Disabled while this thread still had the trace function: take it off.
+        drop(state);
+        ffi::set_trace(py, None, false);
+        return;
+    }
+    state.on_event(py, kind, code, frame);
+}
+
+#[pymethods]
+impl LineTracer {
+    #[new]
+    fn new() -> Self {
+        LineTracer {
+            codes: HashMap::new(),
+            stacks: HashMap::new(),
+            stats: HashMap::new(),
+            scope: None,
+            rss: Rss {
+                read_at: None,
+                bytes: None,
+            },
+        }
+    }
+
+    /// Profiles the lines of a code object.
+    fn add_code(&mut self, code: &Bound<'_, PyAny>) -> PyResult<()> {
+        let code = code.cast::<PyCode>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "memgauge profiles functions and code objects, not {}",
+                code.get_type()
+                    .name()
+                    .map_or_else(|_| "?".into(), |n| n.to_string())
+            ))
+        })?;
+        let first_line: i32 = code.getattr("co_firstlineno")?.extract()?;
+        self.codes
+            .insert(code.as_ptr() as usize, (code.clone().unbind(), first_line));
+        Ok(())
+    }
+
+    #[getter]
+    fn enabled(&self) -> bool {
+        self.scope.is_some()
+    }
+
+    /// Starts the figures and line events on this thread (and, from 3.12, on every thread).
+    fn enable(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let py = slf.py();
+        {
+            let mut tracer = slf.borrow_mut();
+            if tracer.scope.is_some() {
+                return Err(PyRuntimeError::new_err(
+                    "the line profiler is already enabled",
+                ));
+            }
+            let scope = Scope::open_all_threads(py, 0)
+                .map_err(|error| PyRuntimeError::new_err(error.to_string()))?;
+            tracer.scope = Some(scope);
+        }
+        ffi::set_trace(py, Some((slf.as_any(), handle)), true);
+        Ok(())
+    }
+
+    /// Sends this thread's line events here: `threading.settrace` calls it in new threads.
+    #[pyo3(signature = (*_args))]
+    fn thread_bootstrap(slf: &Bound<'_, Self>, _args: &Bound<'_, PyAny>) -> Option<Py<PyAny>> {
+        if slf.borrow().scope.is_some() {
+            ffi::set_trace(slf.py(), Some((slf.as_any(), handle)), false);
+        }
+        None
+    }
+
+    /// Stops the line events and the figures; the statistics stay.
+    fn disable(&mut self, py: Python<'_>) {
+        ffi::set_trace(py, None, true);
+        self.stacks.clear();
+        if let Some(scope) = self.scope.take() {
+            scope.close(py);
+        }
+    }
+
+    /// `(code, line, increment, peak, rss, occurrences)` for every line that ran; the `def`
+    /// line of a function carries its calls and the RSS at entry.
+    fn stats<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Vec<StatsRow<'py>> {
+        let mut rows: Vec<_> = self
+            .stats
+            .iter()
+            .filter_map(|(&(code, line), stats)| {
+                let (code, _) = self.codes.get(&code)?;
+                Some((
+                    code.bind(py).clone(),
+                    line,
+                    stats.increment,
+                    stats.peak,
+                    stats.rss,
+                    stats.occurrences,
+                ))
+            })
+            .collect();
+        rows.sort_by_key(|row| (row.0.as_ptr() as usize, row.1));
+        rows
+    }
+}
