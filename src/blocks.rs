@@ -144,9 +144,10 @@ impl BlockTable {
 }
 
 const GRANULE_BITS: u32 = 4;
+/// Words per leaf: a leaf covers 1 MiB.
 const LEAF_BITS: u32 = 16;
-const MID_BITS: u32 = 15;
-const TOP_BITS: u32 = 48 - GRANULE_BITS - LEAF_BITS - MID_BITS;
+/// Leaves per region: a region covers 4 GiB; a process uses a few.
+const REGION_BITS: u32 = 12;
 
 const SIZE_BITS: u32 = 36;
 const SITE_BITS: u32 = 20;
@@ -155,40 +156,64 @@ const CLASS_SHIFT: u32 = SIZE_BITS + SITE_BITS;
 const IN_TABLE: u64 = 0xFF;
 const MAX_CLASSES: usize = IN_TABLE as usize - 1;
 
-type Leaf = Box<[u64]>;
-type Mid = Box<[Option<Leaf>]>;
+/// Words per dirty bit of a leaf: 4 KiB of words, a page.
+const CHUNK_BITS: u32 = 9;
+/// Leaves kept, cleaned, when the last scope closes: the next scope starts without page
+/// faults or 512 KiB `calloc`s, which cost more than a small test's whole measurement.
+const KEEP_LEAVES: usize = 16;
+
+struct Leaf {
+    words: Box<[u64]>,
+    /// Which chunks of `words` may hold a non-zero word.
+    dirty: u128,
+}
+
+impl Leaf {
+    fn new() -> Self {
+        Leaf {
+            words: vec![0u64; 1 << LEAF_BITS].into(),
+            dirty: 0,
+        }
+    }
+
+    fn clean(&mut self) {
+        let mut dirty = self.dirty;
+        while dirty != 0 {
+            let chunk = dirty.trailing_zeros() as usize;
+            dirty &= dirty - 1;
+            self.words[chunk << CHUNK_BITS..(chunk + 1) << CHUNK_BITS].fill(0);
+        }
+        self.dirty = 0;
+    }
+}
+
+struct Region {
+    key: u64,
+    leaves: Box<[Option<Leaf>]>,
+}
 
 /// Where the blocks are: the shadow map, and the table for what does not fit it.
+#[derive(Default)]
 pub struct Blocks {
-    top: Box<[Option<Mid>]>,
+    /// Regions in use, found by a linear search: there are few, and the last one found is
+    /// nearly always the one wanted, so it is kept first.
+    regions: Vec<Region>,
     table: BlockTable,
     /// The (scope mask, epoch) pairs blocks carry, interned: word class `i + 1` is `classes[i]`.
     classes: Vec<(ScopeMask, u32)>,
     len: usize,
 }
 
-impl Default for Blocks {
-    fn default() -> Self {
-        Self {
-            top: vec![None; 1 << TOP_BITS].into_boxed_slice(),
-            table: BlockTable::default(),
-            classes: Vec::new(),
-            len: 0,
-        }
-    }
-}
-
-/// Where an address's word is: top, mid and leaf index; `None` when it cannot have one.
-fn word_index(address: usize) -> Option<(usize, usize, usize)> {
+/// Where an address's word is: region key, leaf and word index; `None` when it has none.
+fn word_index(address: usize) -> Option<(u64, usize, usize)> {
     let address = address as u64;
     if address & ((1 << GRANULE_BITS) - 1) != 0 || address >> 48 != 0 {
         return None;
     }
     let granule = address >> GRANULE_BITS;
-    let leaf = (granule & ((1 << LEAF_BITS) - 1)) as usize;
-    let mid = ((granule >> LEAF_BITS) & ((1 << MID_BITS) - 1)) as usize;
-    let top = (granule >> (LEAF_BITS + MID_BITS)) as usize;
-    Some((top, mid, leaf))
+    let word = (granule & ((1 << LEAF_BITS) - 1)) as usize;
+    let leaf = ((granule >> LEAF_BITS) & ((1 << REGION_BITS) - 1)) as usize;
+    Some((granule >> (LEAF_BITS + REGION_BITS), leaf, word))
 }
 
 impl Blocks {
@@ -200,18 +225,59 @@ impl Blocks {
         self.len == 0
     }
 
+    /// Forgets every block. A few leaves stay, cleaned, for the next scope.
+    pub fn clear(&mut self) {
+        let mut kept = 0;
+        for region in &mut self.regions {
+            for slot in region.leaves.iter_mut() {
+                if let Some(leaf) = slot {
+                    if kept < KEEP_LEAVES {
+                        leaf.clean();
+                        kept += 1;
+                    } else {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        self.regions
+            .retain(|region| region.leaves.iter().any(Option::is_some));
+        self.table = BlockTable::default();
+        self.classes.clear();
+        self.len = 0;
+    }
+
+    /// The region `key`, moved to the front; made when `create` is set.
+    fn region(&mut self, key: u64, create: bool) -> Option<&mut Region> {
+        match self.regions.iter().position(|region| region.key == key) {
+            Some(0) => {}
+            Some(index) => self.regions.swap(0, index),
+            None if create => {
+                self.regions.push(Region {
+                    key,
+                    leaves: (0..1 << REGION_BITS).map(|_| None).collect(),
+                });
+                let last = self.regions.len() - 1;
+                self.regions.swap(0, last);
+            }
+            None => return None,
+        }
+        self.regions.first_mut()
+    }
+
     /// The word of `address` when its leaf exists.
     fn existing_word(&mut self, address: usize) -> Option<&mut u64> {
-        let (top, mid, leaf) = word_index(address)?;
-        let leaves = self.top[top].as_mut()?;
-        Some(&mut leaves[mid].as_mut()?[leaf])
+        let (region, leaf, word) = word_index(address)?;
+        let region = self.region(region, false)?;
+        Some(&mut region.leaves[leaf].as_mut()?.words[word])
     }
 
     fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
-        let (top, mid, leaf) = word_index(address)?;
-        let leaves = self.top[top].get_or_insert_with(|| vec![None; 1 << MID_BITS].into());
-        let words = leaves[mid].get_or_insert_with(|| vec![0u64; 1 << LEAF_BITS].into());
-        Some(&mut words[leaf])
+        let (region, leaf, word) = word_index(address)?;
+        let region = self.region(region, true)?;
+        let leaf = region.leaves[leaf].get_or_insert_with(Leaf::new);
+        leaf.dirty |= 1 << (word >> CHUNK_BITS);
+        Some(&mut leaf.words[word])
     }
 
     fn class(&mut self, mask: ScopeMask, epoch: u32) -> Option<u64> {
@@ -348,6 +414,26 @@ mod tests {
         assert_eq!(blocks.remove(1 << 50), Some(plain));
         assert_eq!(blocks.remove(0x7f00_0000_1000), None);
         assert!(blocks.is_empty());
+    }
+
+    #[test]
+    fn clear_forgets_everything_and_keeps_clean_leaves() {
+        let mut blocks = Blocks::default();
+        let plain = scoped(100, 3, 1, 1);
+        for leaf in 0..40usize {
+            blocks.insert(0x7f00_0000_0000 + (leaf << 20) + 4096 * leaf, plain);
+        }
+        blocks.insert(0x1008, plain);
+        blocks.clear();
+        assert!(blocks.is_empty());
+        for leaf in 0..40usize {
+            assert_eq!(
+                blocks.remove(0x7f00_0000_0000 + (leaf << 20) + 4096 * leaf),
+                None
+            );
+        }
+        assert_eq!(blocks.remove(0x1008), None);
+        assert_eq!(blocks.insert(0x7f00_0000_0000, plain), None);
     }
 
     #[test]

@@ -7,7 +7,6 @@
 //! mark since the previous event is folded into every line still running (a caller's line runs
 //! while its callee does), then restarted.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
@@ -16,9 +15,14 @@ use pyo3::types::PyCode;
 
 use crate::ffi::{self, TraceFrame, TraceKind};
 use crate::scope::Scope;
+use crate::tracker::FastMap;
 
-/// RSS is read at most this often: a read costs a few microseconds, more than a short line.
+/// RSS is read again when the traced memory moved by [`RSS_MOVE`] since the last read, or after
+/// [`RSS_EVERY`]: a read costs a few microseconds, more than a short line. The clock is looked
+/// at every [`CLOCK_EVERY`] events only: reading it costs as much as the rest of an event.
+const RSS_MOVE: u64 = 256 * 1024;
 const RSS_EVERY: Duration = Duration::from_millis(1);
+const CLOCK_EVERY: u32 = 16;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct LineStats {
@@ -40,14 +44,22 @@ struct FrameRecord {
 struct Rss {
     read_at: Option<Instant>,
     bytes: Option<u64>,
+    live_at_read: u64,
+    events: u32,
 }
 
 impl Rss {
-    fn now(&mut self) -> Option<u64> {
-        let due = self.read_at.map_or(true, |at| at.elapsed() >= RSS_EVERY);
+    /// The RSS now, or at the last read when reading again would tell nothing new.
+    fn now(&mut self, live: u64) -> Option<u64> {
+        self.events = self.events.wrapping_add(1);
+        let due = self.read_at.is_none()
+            || live.abs_diff(self.live_at_read) >= RSS_MOVE
+            || (self.events % CLOCK_EVERY == 0
+                && self.read_at.is_some_and(|at| at.elapsed() >= RSS_EVERY));
         if due {
             self.bytes = crate::proc::resident_bytes(None);
             self.read_at = Some(Instant::now());
+            self.live_at_read = live;
         }
         self.bytes
     }
@@ -60,10 +72,10 @@ type StatsRow<'py> = (Bound<'py, PyCode>, i32, i64, u64, Option<u64>, u64);
 #[pyclass(module = "memgauge._native", name = "LineTracer")]
 pub struct LineTracer {
     /// Profiled code objects by address, with their first line (the `def` or decorator line).
-    codes: HashMap<usize, (Py<PyCode>, i32)>,
+    codes: FastMap<usize, (Py<PyCode>, i32)>,
     /// The profiled frames running on each Python thread, innermost last.
-    stacks: HashMap<usize, Vec<FrameRecord>>,
-    stats: HashMap<(usize, i32), LineStats>,
+    stacks: FastMap<usize, Vec<FrameRecord>>,
+    stats: FastMap<(usize, i32), LineStats>,
     scope: Option<Scope>,
     rss: Rss,
 }
@@ -83,7 +95,7 @@ impl LineTracer {
         for record in self.stacks.values_mut().flatten() {
             record.max_live = record.max_live.max(peak);
         }
-        let rss = self.rss.now();
+        let rss = self.rss.now(live);
         let stack = self.stacks.entry(ffi::python_thread_key(py)).or_default();
         let found = stack.iter().rposition(|record| record.frame == frame.key());
         match (kind, found) {
@@ -127,7 +139,7 @@ impl LineTracer {
 }
 
 fn close_line(
-    stats: &mut HashMap<(usize, i32), LineStats>,
+    stats: &mut FastMap<(usize, i32), LineStats>,
     record: &FrameRecord,
     live: u64,
     rss: Option<u64>,
@@ -171,13 +183,15 @@ impl LineTracer {
     #[new]
     fn new() -> Self {
         LineTracer {
-            codes: HashMap::new(),
-            stacks: HashMap::new(),
-            stats: HashMap::new(),
+            codes: FastMap::default(),
+            stacks: FastMap::default(),
+            stats: FastMap::default(),
             scope: None,
             rss: Rss {
                 read_at: None,
                 bytes: None,
+                live_at_read: 0,
+                events: 0,
             },
         }
     }
@@ -241,10 +255,7 @@ impl LineTracer {
 
     /// `(code, line, increment, peak, rss, occurrences)` for every line that ran; the `def`
     /// line of a function carries its calls and the RSS at entry.
-    fn stats<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> Vec<StatsRow<'py>> {
+    fn stats<'py>(&self, py: Python<'py>) -> Vec<StatsRow<'py>> {
         let mut rows: Vec<_> = self
             .stats
             .iter()

@@ -215,7 +215,7 @@ impl Tracker {
             .ok_or(TrackerError::NotOpen(slot))?;
         self.open_mask &= !(1 << slot);
         if self.open_mask == 0 {
-            self.blocks = Blocks::default();
+            self.blocks.clear();
         }
         let ranked = |bytes: &dyn Fn(&SiteCounter) -> u64| {
             let mut sites: Vec<(SiteId, u64)> = scope

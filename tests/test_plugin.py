@@ -383,3 +383,67 @@ def test_a_killed_serial_run_leaves_its_stream(pytester: pytest.Pytester):
     started = [e["id"] for e in events if e["event"] == "start"]
     assert finished == ["test_kill.py::test_a"]
     assert started[-1] == "test_kill.py::test_dies"
+
+
+BENCH_SUITE = """
+cache = []
+
+def build(n):
+    return [0] * n
+
+def leaky(n):
+    cache.append(bytearray(n))
+
+def steady(n):
+    return bytearray(n)
+
+def test_build(memit):
+    result = memit(build, 1_000_000, rounds=3)
+    assert len(result) == 1_000_000
+    memit(build, 10, name="tiny")
+
+def test_leaks(memit):
+    memit(leaky, 100_000, rounds=4, leak_per_round="1 KiB")
+
+def test_steady(memit):
+    memit(steady, 100_000, rounds=4, leak_per_round="1 KiB")
+"""
+
+
+def test_memit_records_benchmarks_and_catches_growth(pytester: pytest.Pytester):
+    pytester.makepyfile(test_bench=BENCH_SUITE)
+    result = pytester.runpytest("--memprof")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*memit test_bench.py::test_leaks::leaky: the memory retained grew by 97.* KiB "
+            "per round over 3 rounds (allowed 1.00 KiB per round).",
+            "Lines holding the growth:",
+            "*test_bench.py:7 leaky: *",
+        ]
+    )
+    benchmarks = results(pytester)["benchmarks"]
+    build = benchmarks["test_bench.py::test_build::build"]
+    assert build["outcome"] == "passed" and build["rounds"] == 3
+    assert (build["file"], build["line"]) == ("test_bench.py", 12)
+    # The result is still held when the call returns: it counts as leaked.
+    assert within(build["peak_bytes"], 8_000_056, 0.001)
+    assert within(build["leaked_bytes"], 8_000_056, 0.001)
+    assert "test_bench.py::test_build::tiny" in benchmarks
+    assert benchmarks["test_bench.py::test_leaks::leaky"]["outcome"] == "failed"
+
+
+def test_memgauge_compare_gates_benchmarks(pytester: pytest.Pytester):
+    pytester.makepyfile(test_bench="def test_b(memit):\n    memit(bytearray, 1_000_000)\n")
+    pytester.runpytest("--memprof").assert_outcomes(passed=1)
+    update = pytester.run("memgauge", "baseline", "update")
+    assert update.ret == 0, update.stderr.str()
+    assert (
+        '[tests."test_bench.py::test_b::bytearray"]'
+        in (pytester.path / "memgauge-baseline.toml").read_text()
+    )
+    pytester.makepyfile(test_bench="def test_b(memit):\n    memit(bytearray, 3_000_000)\n")
+    pytester.runpytest("--memprof").assert_outcomes(passed=1)
+    compare = pytester.run("memgauge", "compare")
+    assert compare.ret == 1
+    compare.stdout.fnmatch_lines(["*test_bench.py::test_b::bytearray*"])

@@ -18,7 +18,8 @@ decorated function when the script ends, its calls added up.
 Columns, per line of the function:
 
 - ``Mem usage``: the process RSS after the line (the highest seen over its executions), as
-  memory_profiler shows it; read at most once a millisecond;
+  memory_profiler shows it; read again after the traced memory moved by 256 KiB, or after a
+  millisecond, since a read costs more than a short line;
 - ``Increment``: the net traced bytes the line added, summed over its executions: exact;
 - ``Peak``: the highest traced memory reached while the line ran, above the level at its start:
   a temporary that lives and dies inside the line shows here and nowhere else;

@@ -1,0 +1,199 @@
+"""Line-by-line memory: the Rust line tracer, the table, and `python -m memgauge.profile`.
+
+Traced figures are checked against the bytes the code asks for, within 1 KiB (a list object
+may come from CPython's free list, or not; the interpreter adds a few small allocations).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import subprocess
+import sys
+import textwrap
+import threading
+
+import memgauge
+from memgauge.profile import LineProfiler
+
+MiB = 2**20
+SLACK = 1024
+
+
+def close(actual: int, expected: int) -> bool:
+    return abs(actual - expected) <= SLACK
+
+
+def my_func():
+    a = [1] * 1000000
+    b = [2] * 9000000
+    del b
+    return a
+
+
+def first_line(function) -> int:
+    return inspect.getsourcelines(function)[1]
+
+
+def test_memory_profiler_example_increments_are_exact():
+    profiler = LineProfiler(my_func)
+    with profiler:
+        my_func()
+    (profile,) = profiler.results()
+    base = first_line(my_func)
+    a, b, delete, ret = (profile.line(base + n) for n in range(1, 5))
+    assert close(a.increment, 8_000_056), a
+    assert close(b.increment, 72_000_056), b
+    assert close(delete.increment, -72_000_056), delete
+    assert ret.increment == 0, ret
+    assert all(line.occurrences == 1 for line in (a, b, delete, ret))
+    assert a.mem_usage is not None and b.mem_usage > a.mem_usage
+
+    text = io.StringIO()
+    profiler.print_stats(stream=text)
+    rows = {line.split()[0]: line for line in text.getvalue().splitlines() if line[:6].strip()}
+    assert "7.6 MiB" in rows[str(base + 1)]
+    assert "68.7 MiB" in rows[str(base + 2)]
+    assert "-68.7 MiB" in rows[str(base + 3)]
+    assert "0.0 MiB" in rows[str(base + 4)]
+    header = text.getvalue().splitlines()[2]
+    assert header.split() == [
+        "Line",
+        "#",
+        "Mem",
+        "usage",
+        "Increment",
+        "Peak",
+        "Occurrences",
+        "Line",
+        "Contents",
+    ]
+
+
+def temporary_inside_a_line():
+    n = len(bytearray(50 * MiB))
+    return n
+
+
+def test_peak_shows_a_temporary_that_increment_cannot():
+    profiler = LineProfiler(temporary_inside_a_line)
+    with profiler:
+        temporary_inside_a_line()
+    line = profiler.results()[0].line(first_line(temporary_inside_a_line) + 1)
+    assert abs(line.increment) <= SLACK, line
+    assert close(line.peak, 50 * MiB + 57), line
+
+
+def loop():
+    kept = []
+    for _ in range(4):
+        kept.append(bytearray(1000))
+    return kept
+
+
+def test_loops_add_up_over_occurrences():
+    profiler = LineProfiler(loop)
+    with profiler:
+        loop()
+    profile = profiler.results()[0]
+    base = first_line(loop)
+    body = profile.line(base + 3)
+    assert body.occurrences == 4
+    # Four bytearrays of 1000 bytes (+57 of object) and the list's growth.
+    assert 4 * 1057 <= body.increment <= 4 * 1057 + SLACK, body
+    assert profile.line(base + 2).occurrences == 5  # the `for` line runs once more
+
+
+def callee():
+    data = bytearray(20 * MiB)
+    del data
+
+
+def caller():
+    callee()
+    return 1
+
+
+def test_a_callers_line_sees_the_peak_of_its_callee():
+    profiler = LineProfiler(caller, callee)
+    with profiler:
+        caller()
+    by_name = {p.name: p for p in profiler.results()}
+    call_line = by_name["caller"].line(first_line(caller) + 1)
+    assert close(call_line.peak, 20 * MiB + 57), call_line
+    assert abs(call_line.increment) <= SLACK
+    alloc_line = by_name["callee"].line(first_line(callee) + 1)
+    assert close(alloc_line.increment, 20 * MiB + 57), alloc_line
+
+
+def test_profiled_functions_in_threads_are_traced():
+    profiler = LineProfiler(my_func)
+    with profiler:
+        thread = threading.Thread(target=my_func)
+        thread.start()
+        thread.join()
+    line = profiler.results()[0].line(first_line(my_func) + 2)
+    assert line.occurrences == 1
+    assert close(line.increment, 72_000_056), line
+
+
+def unprofiled():
+    return bytearray(MiB)
+
+
+def test_only_profiled_code_gets_rows_and_tracing_stops():
+    profiler = LineProfiler(my_func)
+    with profiler:
+        unprofiled()
+    assert [p.name for p in profiler.results()] == ["my_func"]
+    assert all(line.occurrences == 0 for line in profiler.results()[0].lines)
+    assert sys.gettrace() is None
+
+
+def test_decorator_prints_after_each_call():
+    stream = io.StringIO()
+
+    @memgauge.profile(stream=stream)
+    def build():
+        return [0] * 100_000
+
+    assert len(build()) == 100_000
+    out = stream.getvalue()
+    assert out.startswith("Filename: ")
+    assert "0.8 MiB" in out  # 800,056 bytes
+    assert "return [0] * 100_000" in out
+
+
+def test_python_dash_m_profiles_decorated_functions(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+
+            @profile
+            def my_func():
+                a = [1] * 1000000
+                b = [2] * 9000000
+                del b
+                return a
+
+            my_func()
+            my_func()
+            sys.exit(3)
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "memgauge.profile", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "RuntimeWarning" not in done.stderr
+    lines = {line.split()[0]: line for line in done.stdout.splitlines() if line[:6].strip()}
+    # Two calls: the increments add up, the occurrences count.
+    assert "15.3 MiB" in lines["6"] and lines["6"].split()[7] == "2"
+    assert "137.3 MiB" in lines["7"]
+    assert "-137.3 MiB" in lines["8"]
