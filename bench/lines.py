@@ -53,13 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--no-peer", action="store_true", help="skip memory_profiler (slow)")
     args = parser.parse_args()
 
     runners = {"plain": plain, "memgauge": with_memgauge}
-    peer = memory_profiler_runner()
+    peer = None if args.no_peer else memory_profiler_runner()
     if peer is not None:
         runners["memory_profiler"] = peer
-    else:
+    elif not args.no_peer:
         print("memory_profiler not installed: pip install memory_profiler")
 
     times: dict[str, list[float]] = {name: [] for name in runners}

@@ -137,6 +137,24 @@ mod python {
     pub(crate) struct Engine {
         pub(crate) tracker: Tracker,
         sites: SiteTable,
+        /// Open scopes that report no sites (the line profiler's): while only they are open,
+        /// the hooks skip the frame lookup.
+        siteless: ScopeMask,
+    }
+
+    impl Engine {
+        pub(crate) fn set_siteless(&mut self, slot: usize, siteless: bool) {
+            let bit = 1 << slot;
+            self.siteless = if siteless {
+                self.siteless | bit
+            } else {
+                self.siteless & !bit
+            };
+        }
+
+        fn wants_sites(&self) -> bool {
+            self.tracker.open_mask() & !self.siteless != 0
+        }
     }
 
     /// A spin lock: the hooks hold it for a few table operations, never across a call into
@@ -199,6 +217,8 @@ mod python {
     };
     /// True while a scope is open: the hooks do nothing else when it is false.
     static ACTIVE: AtomicBool = AtomicBool::new(false);
+    /// True while an open scope reports sites.
+    static SITES_WANTED: AtomicBool = AtomicBool::new(false);
     /// Bumped when a scope opens or closes, so each thread recomputes which scopes follow it.
     static GENERATION: AtomicU64 = AtomicU64::new(0);
 
@@ -296,9 +316,13 @@ mod python {
         if cached == Some(0) {
             return;
         }
-        // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
-        // domain and NumPy's allocator pass `check_gil`.
-        let site = unsafe { current_site(check_gil) };
+        let site = if SITES_WANTED.load(Relaxed) {
+            // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
+            // domain and NumPy's allocator pass `check_gil`.
+            unsafe { current_site(check_gil) }
+        } else {
+            None
+        };
         let mut guard = lock();
         let Some(engine) = guard.as_mut() else {
             drop(guard);
@@ -699,6 +723,7 @@ mod python {
             let engine = guard.get_or_insert_with(Engine::default);
             let result = f(engine);
             let idle = engine.tracker.is_idle();
+            SITES_WANTED.store(engine.wants_sites(), Relaxed);
             GENERATION.fetch_add(1, AcqRel);
             ACTIVE.store(!idle, Release);
             (result, idle)
@@ -715,9 +740,9 @@ mod python {
     }
 
     /// Runs `f` on the tracker, if there is one, without touching the hooks: for reading figures
-    /// of an open scope often (the line profiler does at every line).
+    /// of an open scope often (the line profiler does at every line). `f` must not allocate.
     pub(crate) fn with_tracker<R>(f: impl FnOnce(&mut Tracker) -> R) -> Option<R> {
-        untraced(|| lock().as_mut().map(|engine| f(&mut engine.tracker)))
+        lock().as_mut().map(|engine| f(&mut engine.tracker))
     }
 
     // ----- line events for the line profiler -----

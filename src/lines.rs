@@ -73,8 +73,9 @@ type StatsRow<'py> = (Bound<'py, PyCode>, i32, i64, u64, Option<u64>, u64);
 pub struct LineTracer {
     /// Profiled code objects by address, with their first line (the `def` or decorator line).
     codes: FastMap<usize, (Py<PyCode>, i32)>,
-    /// The profiled frames running on each Python thread, innermost last.
-    stacks: FastMap<usize, Vec<FrameRecord>>,
+    /// The profiled frames running on each Python thread, innermost last; the thread of the
+    /// latest event first.
+    stacks: Vec<(usize, Vec<FrameRecord>)>,
     stats: FastMap<(usize, i32), LineStats>,
     scope: Option<Scope>,
     rss: Rss,
@@ -92,11 +93,23 @@ impl LineTracer {
         else {
             return;
         };
-        for record in self.stacks.values_mut().flatten() {
-            record.max_live = record.max_live.max(peak);
+        for (_, stack) in &mut self.stacks {
+            for record in stack {
+                record.max_live = record.max_live.max(peak);
+            }
         }
         let rss = self.rss.now(live);
-        let stack = self.stacks.entry(ffi::python_thread_key(py)).or_default();
+        let thread = ffi::python_thread_key(py);
+        match self.stacks.iter().position(|(key, _)| *key == thread) {
+            Some(0) => {}
+            Some(index) => self.stacks.swap(0, index),
+            None => {
+                self.stacks.push((thread, Vec::new()));
+                let last = self.stacks.len() - 1;
+                self.stacks.swap(0, last);
+            }
+        }
+        let stack = &mut self.stacks[0].1;
         let found = stack.iter().rposition(|record| record.frame == frame.key());
         match (kind, found) {
             (TraceKind::Call, _) => {
@@ -184,7 +197,7 @@ impl LineTracer {
     fn new() -> Self {
         LineTracer {
             codes: FastMap::default(),
-            stacks: FastMap::default(),
+            stacks: Vec::new(),
             stats: FastMap::default(),
             scope: None,
             rss: Rss {

@@ -85,7 +85,9 @@ impl Scope {
         let rss_window = rss::open_window();
         let started = Instant::now();
         let slot = ffi::with_engine(py, |engine| {
-            engine.tracker.open_scope(opener, threads_before)
+            let slot = engine.tracker.open_scope(opener, threads_before)?;
+            engine.set_siteless(slot, top_sites == 0);
+            Ok(slot)
         });
         let slot = match slot {
             Ok(slot) => slot,
