@@ -27,3 +27,4 @@ bench: install
 	$(PYTHON) -m pip install --quiet -e ".[bench]"
 	$(PYTHON) bench/engine.py
 	$(PYTHON) bench/gate.py
+	$(PYTHON) bench/lines.py
