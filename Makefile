@@ -28,3 +28,4 @@ bench: install
 	$(PYTHON) bench/engine.py
 	$(PYTHON) bench/gate.py
 	$(PYTHON) bench/lines.py
+	$(PYTHON) bench/run.py

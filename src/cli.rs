@@ -14,6 +14,7 @@ use crate::error::{read_text, write_atomically, Error, Result};
 use crate::render::{self, Format};
 use crate::results::Results;
 use crate::size;
+use crate::timeline;
 
 /// How the command ended; the process exits with its code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub enum ExitStatus {
     Regression,
     /// 2: the input or the command was wrong.
     Error,
+    /// `memgauge run`: the exit code of the command it ran.
+    Command(i32),
 }
 
 impl ExitStatus {
@@ -32,13 +35,14 @@ impl ExitStatus {
             ExitStatus::Success => 0,
             ExitStatus::Regression => 1,
             ExitStatus::Error => 2,
+            ExitStatus::Command(code) => code,
         }
     }
 }
 
 impl From<ExitStatus> for std::process::ExitCode {
     fn from(status: ExitStatus) -> Self {
-        std::process::ExitCode::from(status.code() as u8)
+        std::process::ExitCode::from(status.code().clamp(0, 255) as u8)
     }
 }
 
@@ -72,6 +76,127 @@ enum Command {
     Merge(MergeArgs),
     /// Show the per-test figures of a results file, without gating.
     Report(ReportArgs),
+    /// Run a command and record its RSS (and its children's) over time.
+    Run(RunArgs),
+    /// Draw a recorded run as SVG: memory against time, the peak, the tests.
+    Plot(PlotArgs),
+    /// Print the peak RSS of recorded runs.
+    Peak(PeakArgs),
+    /// List the recorded runs in .memgauge/runs.
+    List,
+    /// Delete the recorded runs in .memgauge/runs.
+    Clean,
+}
+
+#[derive(Debug, Args)]
+#[command(trailing_var_arg = true)]
+struct RunArgs {
+    /// Time between samples: 10ms, 1ms, 0.5s; a bare number is seconds.
+    #[arg(long, default_value = "10ms", value_parser = parse_interval)]
+    interval: std::time::Duration,
+    /// Also sample every process the command starts, and theirs.
+    #[arg(long, short = 'C')]
+    include_children: bool,
+    /// The run file [default: .memgauge/runs/run-<date>-<time>.jsonl].
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// The command and its arguments (after --).
+    #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct PlotArgs {
+    /// A run file [default: the latest in .memgauge/runs].
+    file: Option<PathBuf>,
+    /// The SVG to write [default: the run file with .svg].
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    #[arg(long)]
+    title: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct PeakArgs {
+    /// Run files [default: the latest in .memgauge/runs].
+    files: Vec<PathBuf>,
+}
+
+fn parse_interval(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-6)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (text, 1.0)
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not an interval: write 10ms, 1ms or 0.5s"))?;
+    if !(value > 0.0 && value.is_finite()) {
+        return Err(format!("{text:?}: the interval must be above zero"));
+    }
+    Ok(std::time::Duration::from_secs_f64(value * scale))
+}
+
+/// The recorded runs, oldest first.
+fn recorded_runs() -> Vec<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(timeline::RUNS_DIR)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| path.extension().is_some_and(|ext| ext == "jsonl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    runs.sort();
+    runs
+}
+
+fn latest_run() -> Result<PathBuf> {
+    recorded_runs().pop().ok_or_else(|| {
+        Error::Usage(format!(
+            "no recorded runs in {}: record one with `memgauge run -- COMMAND`",
+            timeline::RUNS_DIR
+        ))
+    })
+}
+
+fn run_plot(args: PlotArgs) -> Result<ExitStatus> {
+    let file = match args.file {
+        Some(file) => file,
+        None => latest_run()?,
+    };
+    let output = args.output.unwrap_or_else(|| file.with_extension("svg"));
+    if output.extension().map_or(true, |ext| ext != "svg") {
+        return Err(Error::Usage(format!(
+            "{}: memgauge plot writes SVG (a browser shows it; rsvg-convert makes a PNG of it)",
+            output.display()
+        )));
+    }
+    let run = timeline::Run::load(&file)?;
+    let title = args
+        .title
+        .unwrap_or_else(|| format!("memgauge run: {}", run.command.join(" ")));
+    write_atomically(&output, timeline::svg(&run, &title).as_bytes())?;
+    println!("memgauge: wrote {}", output.display());
+    Ok(ExitStatus::Success)
+}
+
+fn describe_peak(path: &Path, run: &timeline::Run) -> String {
+    match run.peak() {
+        Some((t, bytes)) => format!(
+            "{}\tpeak {} at {t:.2} s ({} processes)",
+            path.display(),
+            size::format_size(bytes),
+            run.processes.len()
+        ),
+        None => format!("{}\tno samples", path.display()),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -362,6 +487,54 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
         Command::Report(args) => {
             let results = Results::load(&settings.results_path(args.results))?;
             print!("{}", render::results(&results, args.format));
+            Ok(ExitStatus::Success)
+        }
+        Command::Run(args) => {
+            let output = args.output.unwrap_or_else(|| {
+                Path::new(timeline::RUNS_DIR).join(timeline::default_run_name())
+            });
+            let code = timeline::record(&timeline::RunOptions {
+                command: args.command,
+                interval: args.interval,
+                include_children: args.include_children,
+                output: output.clone(),
+            })?;
+            eprintln!("memgauge: samples in {}", output.display());
+            Ok(ExitStatus::Command(code))
+        }
+        Command::Plot(args) => run_plot(args),
+        Command::Peak(args) => {
+            let files = if args.files.is_empty() {
+                vec![latest_run()?]
+            } else {
+                args.files
+            };
+            for file in files {
+                println!("{}", describe_peak(&file, &timeline::Run::load(&file)?));
+            }
+            Ok(ExitStatus::Success)
+        }
+        Command::List => {
+            for (index, file) in recorded_runs().iter().enumerate() {
+                let run = timeline::Run::load(file)?;
+                println!(
+                    "{index}\t{}\t{}",
+                    describe_peak(file, &run),
+                    run.command.join(" ")
+                );
+            }
+            Ok(ExitStatus::Success)
+        }
+        Command::Clean => {
+            let runs = recorded_runs();
+            for file in &runs {
+                std::fs::remove_file(file).map_err(|source| Error::Write {
+                    path: file.clone(),
+                    source,
+                })?;
+                let _ = std::fs::remove_file(file.with_extension("svg"));
+            }
+            println!("memgauge: removed {} recorded runs", runs.len());
             Ok(ExitStatus::Success)
         }
     }

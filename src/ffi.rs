@@ -27,6 +27,23 @@ pub fn page_size() -> u64 {
     4096
 }
 
+/// The CPU time (user and system) this process has used, in seconds.
+pub fn own_cpu_seconds() -> Option<f64> {
+    #[cfg(unix)]
+    {
+        // SAFETY: an all-zero rusage is a valid out value, and getrusage only writes to it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: RUSAGE_SELF with a valid out pointer.
+        if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+            return None;
+        }
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Some(seconds(usage.ru_utime) + seconds(usage.ru_stime))
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 /// The OS id of the calling thread: the value `threading.get_native_id()` returns.
 pub fn current_thread_id() -> u64 {
     #[cfg(target_os = "linux")]

@@ -11,6 +11,7 @@ pub mod render;
 pub mod results;
 pub mod rss;
 pub mod size;
+pub mod timeline;
 pub mod tracker;
 
 #[cfg(feature = "python")]

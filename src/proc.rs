@@ -88,6 +88,24 @@ mod os {
         let names = entries.filter_map(|entry| entry.ok()?.file_name().into_string().ok());
         Some(parse_task_ids(names))
     }
+
+    pub fn children(pid: u32) -> Vec<u32> {
+        // Each thread lists the children it started (proc(5), CONFIG_PROC_CHILDREN).
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Vec::new();
+        };
+        let mut children: Vec<u32> = tasks
+            .filter_map(|task| fs::read_to_string(task.ok()?.path().join("children")).ok())
+            .flat_map(|text| {
+                text.split_whitespace()
+                    .filter_map(|id| id.parse().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        children.sort_unstable();
+        children.dedup();
+        children
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -112,6 +130,10 @@ mod os {
     pub fn thread_ids() -> Option<Vec<u64>> {
         None
     }
+
+    pub fn children(_pid: u32) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// `VmRSS` and `VmHWM` of this process (or of `pid`), where the OS tells them.
@@ -132,6 +154,21 @@ pub fn reset_peak_resident() -> io::Result<()> {
 /// The OS ids of every thread of this process, sorted, where the OS lists them.
 pub fn thread_ids() -> Option<Vec<u64>> {
     os::thread_ids()
+}
+
+/// Every process `pid` started, and their children in turn, where the OS lists them.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(parent) = next.pop() {
+        for child in os::children(parent) {
+            if !found.contains(&child) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,29 @@ class MemgaugePlugin:
 
     def wants(self, item: pytest.Item) -> bool:
         return self.settings.memprof or item.nodeid in self.limits
+
+    # ----- under `memgauge run`: each test's span on the memory timeline -----
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+        run_file = os.environ.get("MEMGAUGE_RUN_FILE")
+        if not run_file or not self.settings.memprof:
+            return (yield)
+        start = time.time()
+        try:
+            return (yield)
+        finally:
+            span = {"event": "test", "id": item.nodeid, "start": start, "end": time.time()}
+            line = (json.dumps({**span, "pid": os.getpid()}) + "\n").encode()
+            # One write to a file opened for appending: lines from xdist workers stay whole.
+            try:
+                fd = os.open(run_file, os.O_WRONLY | os.O_APPEND)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+            except OSError as error:
+                warnings.warn(f"memgauge: cannot write to {run_file}: {error}", stacklevel=1)
 
     # ----- measuring -----
 
