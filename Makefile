@@ -1,15 +1,23 @@
 # One entry point: the README, CI and .ci/run call these targets.
 PYTHON ?= python3
 
-.PHONY: install test lint demo bench
+.PHONY: install browser test lint demo bench
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[test]"
 
+# Headless Chromium (Debian's package) for the HTML report's browser test.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && { \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; }; }; } || \
+	  echo "memgauge: could not install chromium (needs root and apt-get)"
+
 # Every test: Rust unit and integration tests, the Python suite, and the linters.
-test: install lint
+test: install browser lint
 	cargo test --quiet
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	MEMGAUGE_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q -p no:cacheprovider
 
 lint:
 	cargo fmt --all -- --check

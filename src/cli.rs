@@ -257,6 +257,15 @@ struct ReportArgs {
     results: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Write the report here instead of to stdout.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// html: mark regressions and improvements against this baseline.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// html: show the memory timeline of this `memgauge run` file.
+    #[arg(long, value_name = "RUN_FILE")]
+    run: Option<PathBuf>,
 }
 
 /// `[tool.memgauge]` of pyproject.toml: defaults shared with the pytest plugin.
@@ -369,7 +378,58 @@ fn policy(args: &CompareArgs, settings: &Settings, baseline: &Baseline) -> Resul
     Ok(policy)
 }
 
+fn run_report(args: ReportArgs, settings: &Settings) -> Result<ExitStatus> {
+    let results_path = settings.results_path(args.results);
+    let results = Results::load(&results_path)?;
+    if args.format != Format::Html && (args.baseline.is_some() || args.run.is_some()) {
+        return Err(Error::Usage(
+            "--baseline and --run go with --format html".to_owned(),
+        ));
+    }
+    let text = if args.format == Format::Html {
+        let comparison = match &args.baseline {
+            Some(path) => {
+                let baseline = Baseline::parse(path, &read_text(path, "")?)?;
+                let compare_args = CompareArgs {
+                    results: None,
+                    baseline: None,
+                    junit: None,
+                    format: Format::Html,
+                    tolerance: None,
+                    floor: None,
+                    gate: None,
+                };
+                let policy = policy(&compare_args, settings, &baseline)?;
+                Some(compare::compare(&results, &baseline, &policy))
+            }
+            None => None,
+        };
+        let run = args.run.as_deref().map(timeline::Run::load).transpose()?;
+        let svg = run
+            .as_ref()
+            .map(|run| timeline::svg(run, &format!("memgauge run: {}", run.command.join(" "))));
+        let title = format!("memgauge report: {}", results_path.display());
+        crate::html::report(&results, comparison.as_ref(), svg.as_deref(), &title)
+    } else {
+        render::results(&results, args.format)
+    };
+    match &args.output {
+        Some(path) => {
+            write_atomically(path, text.as_bytes())?;
+            eprintln!("memgauge: wrote {}", path.display());
+        }
+        None => print!("{text}"),
+    }
+    Ok(ExitStatus::Success)
+}
+
 fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
+    if args.format == Format::Html {
+        return Err(Error::Usage(
+            "compare has no html format: use `memgauge report RESULTS --format html --baseline PATH`"
+                .to_owned(),
+        ));
+    }
     let results_path = settings.results_path(args.results.clone());
     let baseline_path = settings.baseline_path(args.baseline.clone());
     let results = Results::load(&results_path)?;
@@ -484,11 +544,7 @@ fn dispatch(cli: Cli) -> Result<ExitStatus> {
         Command::Compare(args) => run_compare(args, &settings),
         Command::Baseline(BaselineCommand::Update(args)) => run_update(args, &settings),
         Command::Merge(args) => run_merge(args),
-        Command::Report(args) => {
-            let results = Results::load(&settings.results_path(args.results))?;
-            print!("{}", render::results(&results, args.format));
-            Ok(ExitStatus::Success)
-        }
+        Command::Report(args) => run_report(args, &settings),
         Command::Run(args) => {
             let output = args.output.unwrap_or_else(|| {
                 Path::new(timeline::RUNS_DIR).join(timeline::default_run_name())

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod compare;
 pub mod error;
 pub mod ffi;
+pub mod html;
 pub mod proc;
 pub mod render;
 pub mod results;

@@ -12,6 +12,8 @@ pub enum Format {
     Text,
     Markdown,
     Json,
+    /// A self-contained page (`memgauge report` only).
+    Html,
 }
 
 fn amount(change: &Change, value: i128) -> String {
@@ -49,6 +51,8 @@ fn summary_line(comparison: &Comparison) -> String {
 
 pub fn comparison(comparison: &Comparison, format: Format, header: &str) -> String {
     match format {
+        // The page needs the results too: `memgauge report --format html --baseline`.
+        Format::Html => markdown(comparison, header),
         Format::Json => {
             let mut text = serde_json::to_string_pretty(comparison).expect("comparison serializes");
             text.push('\n');
@@ -150,6 +154,7 @@ pub fn results(results: &Results, format: Format) -> String {
     rows.sort_by(|a, b| b.1.peak_bytes.cmp(&a.1.peak_bytes).then(a.0.cmp(b.0)));
     let show = |v: Option<u64>| v.map_or("n/a".to_owned(), format_size);
     match format {
+        Format::Html => crate::html::report(results, None, None, "memgauge report"),
         Format::Json => {
             let mut text = serde_json::to_string_pretty(results).expect("results serialize");
             text.push('\n');
@@ -192,7 +197,7 @@ pub fn results(results: &Results, format: Format) -> String {
     }
 }
 
-fn xml_escape(text: &str) -> String {
+pub(crate) fn xml_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::render::xml_escape as escape;
 
 /// The environment variable that tells the pytest plugin where to write test spans.
 pub const RUN_FILE_ENV: &str = "MEMGAUGE_RUN_FILE";
@@ -420,13 +421,6 @@ impl Run {
             .max_by_key(|&(i, bytes)| (bytes, std::cmp::Reverse(i)))
             .map(|(i, bytes)| (self.times[i], bytes))
     }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 const COLORS: [&str; 6] = [
