@@ -144,10 +144,19 @@ impl Sampler {
     }
 }
 
+/// Reads a small /proc file from its start in one `pread`.
 fn read_from_start(file: &mut File, buffer: &mut String) -> std::io::Result<usize> {
-    use std::io::{Read, Seek, SeekFrom};
-    file.seek(SeekFrom::Start(0))?;
-    file.read_to_string(buffer)
+    let mut bytes = [0u8; 256];
+    #[cfg(unix)]
+    let read = std::os::unix::fs::FileExt::read_at(file, &mut bytes, 0)?;
+    #[cfg(not(unix))]
+    let read = {
+        use std::io::{Read, Seek, SeekFrom};
+        file.seek(SeekFrom::Start(0))?;
+        file.read(&mut bytes)?
+    };
+    buffer.push_str(&String::from_utf8_lossy(&bytes[..read]));
+    Ok(read)
 }
 
 /// Runs the command, sampling RSS into the run file; returns the command's exit code.
