@@ -37,3 +37,4 @@ bench: install
 	$(PYTHON) bench/gate.py
 	$(PYTHON) bench/lines.py
 	$(PYTHON) bench/run.py
+	$(PYTHON) bench/suites.py
