@@ -68,6 +68,17 @@ def memray_runner():
     return with_memray
 
 
+def print_ratios(title: str, times: dict[str, list[float]]) -> None:
+    """Median time of each tool and its ratio to the "plain" run."""
+    base = statistics.median(times["plain"])
+    width = max(map(len, times)) + 2
+    print(title)
+    print(f"{'tool':<{width}} {'median s':>9} {'ratio':>8}")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(f"{name:<{width}} {median:>9.3f} {median / base:>7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=7)
@@ -88,12 +99,7 @@ def main() -> None:
                 workload(args.n)
             times[name].append(time.perf_counter() - start)
 
-    base = statistics.median(times["plain"])
-    print(f"workload: {args.n} records, {args.rounds} interleaved rounds, medians")
-    print(f"{'tool':<12} {'median s':>9} {'ratio':>7}")
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        print(f"{name:<12} {median:>9.3f} {median / base:>6.2f}x")
+    print_ratios(f"workload: {args.n} records, {args.rounds} interleaved rounds, medians", times)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import memgauge
-from engine import workload
+from engine import print_ratios, workload
 
 
 @contextlib.contextmanager
@@ -72,12 +71,8 @@ def main() -> None:
                 function(args.n)
                 times[name].append(time.perf_counter() - start)
 
-    base = statistics.median(times["plain"])
-    print(f"line profile of workload({args.n}): {args.rounds} interleaved rounds, medians")
-    print(f"{'tool':<16} {'median s':>9} {'ratio':>8}")
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        print(f"{name:<16} {median:>9.3f} {median / base:>7.2f}x")
+    title = f"line profile of workload({args.n}): {args.rounds} interleaved rounds, medians"
+    print_ratios(title, times)
 
 
 if __name__ == "__main__":

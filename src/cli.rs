@@ -211,6 +211,14 @@ struct CompareArgs {
     junit: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    #[command(flatten)]
+    gating: GateOptions,
+}
+
+/// What counts as a regression; each falls back to [tool.memgauge], then the baseline's
+/// [defaults].
+#[derive(Debug, Default, Args)]
+struct GateOptions {
     /// Relative growth allowed, e.g. 10% [default: 10%].
     #[arg(long)]
     tolerance: Option<String>,
@@ -337,7 +345,7 @@ impl Settings {
     }
 }
 
-fn policy(args: &CompareArgs, settings: &Settings, baseline: &Baseline) -> Result<Policy> {
+fn policy(args: &GateOptions, settings: &Settings, baseline: &Baseline) -> Result<Policy> {
     let mut policy = Policy::default();
     if let Some(tolerance) = baseline.defaults.tolerance {
         policy.tolerance = tolerance;
@@ -390,16 +398,7 @@ fn run_report(args: ReportArgs, settings: &Settings) -> Result<ExitStatus> {
         let comparison = match &args.baseline {
             Some(path) => {
                 let baseline = Baseline::parse(path, &read_text(path, "")?)?;
-                let compare_args = CompareArgs {
-                    results: None,
-                    baseline: None,
-                    junit: None,
-                    format: Format::Html,
-                    tolerance: None,
-                    floor: None,
-                    gate: None,
-                };
-                let policy = policy(&compare_args, settings, &baseline)?;
+                let policy = policy(&GateOptions::default(), settings, &baseline)?;
                 Some(compare::compare(&results, &baseline, &policy))
             }
             None => None,
@@ -438,7 +437,7 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
         "; create it with `memgauge baseline update` and commit it, or pass --baseline",
     )?;
     let baseline = Baseline::parse(&baseline_path, &text)?;
-    let policy = policy(&args, settings, &baseline)?;
+    let policy = policy(&args.gating, settings, &baseline)?;
     let comparison = compare::compare(&results, &baseline, &policy);
 
     let gated: Vec<_> = policy.gated.iter().map(|f| f.name()).collect();

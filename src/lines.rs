@@ -41,6 +41,18 @@ struct FrameRecord {
     max_live: u64,
 }
 
+impl FrameRecord {
+    fn new(frame: usize, code: usize, live: u64) -> Self {
+        FrameRecord {
+            frame,
+            code,
+            line: None,
+            start_live: live,
+            max_live: live,
+        }
+    }
+}
+
 struct Rss {
     read_at: Option<Instant>,
     bytes: Option<u64>,
@@ -113,13 +125,7 @@ impl LineTracer {
         let found = stack.iter().rposition(|record| record.frame == frame.key());
         match (kind, found) {
             (TraceKind::Call, _) => {
-                stack.push(FrameRecord {
-                    frame: frame.key(),
-                    code,
-                    line: None,
-                    start_live: live,
-                    max_live: live,
-                });
+                stack.push(FrameRecord::new(frame.key(), code, live));
                 let stats = self.stats.entry((code, first_line)).or_default();
                 stats.occurrences += 1;
                 stats.rss = stats.rss.max(rss);
@@ -127,13 +133,7 @@ impl LineTracer {
             (TraceKind::Line, found) => {
                 let index = found.unwrap_or_else(|| {
                     // Profiling started inside this frame: it begins here.
-                    stack.push(FrameRecord {
-                        frame: frame.key(),
-                        code,
-                        line: None,
-                        start_live: live,
-                        max_live: live,
-                    });
+                    stack.push(FrameRecord::new(frame.key(), code, live));
                     stack.len() - 1
                 });
                 let record = &mut stack[index];

@@ -11,14 +11,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus as ProcessStatus};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{read_text, Error, Result};
 use crate::render::xml_escape as escape;
 
 /// The environment variable that tells the pytest plugin where to write test spans.
@@ -61,14 +61,15 @@ pub fn default_run_name() -> String {
     )
 }
 
+fn append(file: &mut File, path: &Path, bytes: &[u8]) -> Result<()> {
+    file.write_all(bytes).map_err(|source| Error::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 fn write_line(file: &mut File, path: &Path, value: &Value) -> Result<()> {
-    let mut line = value.to_string();
-    line.push('\n');
-    file.write_all(line.as_bytes())
-        .map_err(|source| Error::Write {
-            path: path.to_owned(),
-            source,
-        })
+    append(file, path, format!("{value}\n").as_bytes())
 }
 
 /// How often sampled lines are written out.
@@ -82,7 +83,6 @@ struct Sampler {
     include_children: bool,
     files: Vec<(u32, File)>,
     children_read: Option<Instant>,
-    buffer: String,
 }
 
 impl Sampler {
@@ -92,7 +92,6 @@ impl Sampler {
             include_children,
             files: Vec::new(),
             children_read: None,
-            buffer: String::new(),
         }
     }
 
@@ -124,12 +123,9 @@ impl Sampler {
         let mut entries = String::new();
         let mut gone = Vec::new();
         for (pid, file) in &mut self.files {
-            self.buffer.clear();
-            let read = read_from_start(file, &mut self.buffer);
-            match read
-                .ok()
-                .and_then(|_| crate::proc::parse_statm(&self.buffer, page))
-            {
+            // A process that exited but is not reaped yet reads as 0 pages: it is gone.
+            let bytes = resident_pages(file).and_then(|text| crate::proc::parse_statm(&text, page));
+            match bytes.filter(|&bytes| bytes > 0) {
                 Some(bytes) => {
                     let comma = if entries.is_empty() { "" } else { "," };
                     let _ = write!(entries, "{comma}[{pid},{bytes}]");
@@ -144,19 +140,18 @@ impl Sampler {
     }
 }
 
-/// Reads a small /proc file from its start in one `pread`.
-fn read_from_start(file: &mut File, buffer: &mut String) -> std::io::Result<usize> {
+/// The text of a small /proc file, read from its start in one `pread`.
+fn resident_pages(file: &mut File) -> Option<String> {
     let mut bytes = [0u8; 256];
     #[cfg(unix)]
-    let read = std::os::unix::fs::FileExt::read_at(file, &mut bytes, 0)?;
+    let read = std::os::unix::fs::FileExt::read_at(file, &mut bytes, 0).ok()?;
     #[cfg(not(unix))]
     let read = {
         use std::io::{Read, Seek, SeekFrom};
-        file.seek(SeekFrom::Start(0))?;
-        file.read(&mut bytes)?
+        file.seek(SeekFrom::Start(0)).ok()?;
+        file.read(&mut bytes).ok()?
     };
-    buffer.push_str(&String::from_utf8_lossy(&bytes[..read]));
-    Ok(read)
+    std::str::from_utf8(&bytes[..read]).ok().map(str::to_owned)
 }
 
 /// Runs the command, sampling RSS into the run file; returns the command's exit code.
@@ -168,16 +163,10 @@ pub fn record(options: &RunOptions) -> Result<i32> {
             source,
         })?;
     }
-    // Appends, so the test spans other processes add land whole between samples.
-    let mut file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .and_then(|f| {
-            drop(f);
-            OpenOptions::new().append(true).open(path)
-        })
+    // Emptied, then appended to, so the test spans other processes add land whole between
+    // samples.
+    let mut file = File::create(path)
+        .and_then(|_| OpenOptions::new().append(true).open(path))
         .map_err(|source| Error::Write {
             path: path.to_owned(),
             source,
@@ -227,11 +216,7 @@ pub fn record(options: &RunOptions) -> Result<i32> {
             pending.push_str(&line);
         }
         if exited.is_some() || flushed.elapsed() >= FLUSH_EVERY {
-            file.write_all(pending.as_bytes())
-                .map_err(|source| Error::Write {
-                    path: path.to_owned(),
-                    source,
-                })?;
+            append(&mut file, path, pending.as_bytes())?;
             pending.clear();
             flushed = Instant::now();
         }
@@ -251,11 +236,7 @@ pub fn record(options: &RunOptions) -> Result<i32> {
         (Some(before), Some(after)) => Some(after - before),
         _ => None,
     };
-    file.write_all(pending.as_bytes())
-        .map_err(|source| Error::Write {
-            path: path.to_owned(),
-            source,
-        })?;
+    append(&mut file, path, pending.as_bytes())?;
     write_line(
         &mut file,
         path,
@@ -302,26 +283,13 @@ pub struct Run {
 
 impl Run {
     pub fn load(path: &Path) -> Result<Run> {
-        let file = File::open(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => Error::Missing {
-                path: path.to_owned(),
-                hint: ": record one with `memgauge run -- COMMAND`".to_owned(),
-            },
-            _ => Error::Read {
-                path: path.to_owned(),
-                source,
-            },
-        })?;
+        let text = read_text(path, ": record one with `memgauge run -- COMMAND`")?;
         let mut run = Run::default();
-        for (index, line) in BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(|source| Error::Read {
-                path: path.to_owned(),
-                source,
-            })?;
+        for (index, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let value: Value = match serde_json::from_str(&line) {
+            let value: Value = match serde_json::from_str(line) {
                 Ok(value) => value,
                 // A run killed mid-write leaves a cut last line: the samples before it stand.
                 Err(error) if error.is_eof() => break,

@@ -15,6 +15,12 @@ fn memgauge(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     command.output().expect("memgauge runs")
 }
 
+/// `memgauge compare now.json --baseline b.toml` and `extra`.
+fn compare(dir: &Path, extra: &[&str]) -> Output {
+    let args = [&["compare", "now.json", "--baseline", "b.toml"], extra].concat();
+    memgauge(dir, &args, &[])
+}
+
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -81,18 +87,7 @@ mod tempfile_dir {
 #[test]
 fn regression_exits_1_with_a_junit_failure_for_that_test_only() {
     let dir = setup(12_000_000);
-    let out = memgauge(
-        dir.path(),
-        &[
-            "compare",
-            "now.json",
-            "--baseline",
-            "b.toml",
-            "--junit",
-            "j.xml",
-        ],
-        &[],
-    );
+    let out = compare(dir.path(), &["--junit", "j.xml"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stdout(&out)
         .contains("REGRESSION  t.py::a  peak 9.54 MiB -> 11.44 MiB (+1.91 MiB, +20.0%)"));
@@ -110,11 +105,7 @@ fn regression_exits_1_with_a_junit_failure_for_that_test_only() {
 fn under_tolerance_or_floor_exits_0() {
     // +5%: under the tolerance though over the floor.
     let dir = setup(10_500_000);
-    let out = memgauge(
-        dir.path(),
-        &["compare", "now.json", "--baseline", "b.toml"],
-        &[],
-    );
+    let out = compare(dir.path(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     // +100% of a tiny test is under the floor.
     std::fs::write(
@@ -122,25 +113,10 @@ fn under_tolerance_or_floor_exits_0() {
         results(10_000_000).replace("2000", "4000"),
     )
     .unwrap();
-    let out = memgauge(
-        dir.path(),
-        &["compare", "now.json", "--baseline", "b.toml"],
-        &[],
-    );
+    let out = compare(dir.path(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     // A floor of 0 makes it one.
-    let out = memgauge(
-        dir.path(),
-        &[
-            "compare",
-            "now.json",
-            "--baseline",
-            "b.toml",
-            "--floor",
-            "0",
-        ],
-        &[],
-    );
+    let out = compare(dir.path(), &["--floor", "0"]);
     assert_eq!(out.status.code(), Some(1));
 }
 
@@ -149,18 +125,7 @@ fn new_missing_and_improved_are_reported_in_json() {
     let dir = setup(5_000_000);
     let changed = results(5_000_000).replace("t.py::small", "t.py::brand_new");
     std::fs::write(dir.path().join("now.json"), changed).unwrap();
-    let out = memgauge(
-        dir.path(),
-        &[
-            "compare",
-            "now.json",
-            "--baseline",
-            "b.toml",
-            "--format",
-            "json",
-        ],
-        &[],
-    );
+    let out = compare(dir.path(), &["--format", "json"]);
     assert_eq!(out.status.code(), Some(0));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["new_tests"], serde_json::json!(["t.py::brand_new"]));
@@ -200,18 +165,7 @@ fn bad_input_exits_2_naming_the_file_and_position() {
         assert_eq!(out.status.code(), Some(2), "{file}");
         assert!(stderr(&out).contains(message), "{file}: {}", stderr(&out));
     }
-    let out = memgauge(
-        dir.path(),
-        &[
-            "compare",
-            "now.json",
-            "--baseline",
-            "b.toml",
-            "--tolerance",
-            "lots",
-        ],
-        &[],
-    );
+    let out = compare(dir.path(), &["--tolerance", "lots"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--tolerance: \"lots\" is not a percentage"));
     let out = memgauge(dir.path(), &["compare", "--nonsense"], &[]);

@@ -336,21 +336,22 @@ def test_xdist_matches_serial(pytester: pytest.Pytester):
             assert abs(record[figure] - parallel[test_id][figure]) <= 16 * 1024, (test_id, figure)
 
 
+KILL_SUITE = """
+import os, signal
+
+def test_a():
+    data = bytearray(2**20)
+
+def test_dies():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def test_b():
+    data = bytearray(2 * 2**20)
+"""
+
+
 def test_killed_worker_keeps_the_other_results(pytester: pytest.Pytester):
-    pytester.makepyfile(
-        test_kill="""
-        import os, signal
-
-        def test_a():
-            data = bytearray(2**20)
-
-        def test_dies():
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        def test_b():
-            data = bytearray(2 * 2**20)
-        """
-    )
+    pytester.makepyfile(test_kill=KILL_SUITE)
     result = pytester.runpytest_subprocess("-n", "2", "--memprof", "-p", "no:randomly")
     result.assert_outcomes(passed=2, failed=1)
     tests = results(pytester)["tests"]
@@ -364,17 +365,7 @@ def test_killed_worker_keeps_the_other_results(pytester: pytest.Pytester):
 
 
 def test_a_killed_serial_run_leaves_its_stream(pytester: pytest.Pytester):
-    pytester.makepyfile(
-        test_kill="""
-        import os, signal
-
-        def test_a():
-            data = bytearray(2**20)
-
-        def test_dies():
-            os.kill(os.getpid(), signal.SIGKILL)
-        """
-    )
+    pytester.makepyfile(test_kill=KILL_SUITE)
     pytester.runpytest_subprocess("--memprof")
     assert not (pytester.path / ".memgauge/results.json").exists()
     lines = (pytester.path / ".memgauge/results.json.partial").read_text().splitlines()

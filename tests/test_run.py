@@ -145,8 +145,10 @@ def test_exit_codes_pass_through_and_a_killed_command_keeps_its_samples(tmp_path
         cwd=tmp_path,
     )
     assert done.returncode == 128 + 9
-    times, _, _, header = load(tmp_path / "b.jsonl")
+    times, processes, _, header = load(tmp_path / "b.jsonl")
     assert len(times) > 50 and header["exit"]["code"] == 137
+    # The killed process, not yet reaped, reads as 0 pages: no sample says so.
+    assert all(v for series in processes.values() for v in series if v is not None)
 
 
 def test_pytest_under_run_marks_each_test_and_plot_draws_them(tmp_path):

@@ -199,6 +199,8 @@ class MemgaugePlugin:
         self.paths: dict[str, str] = {}
         self.stream = None
         self.locations: dict[str, tuple[str, int | None, str]] = {}
+        # Under `memgauge run`, each test's span goes to its run file.
+        self.run_file = os.environ.get("MEMGAUGE_RUN_FILE") if settings.memprof else None
 
     # ----- collection: read and check every limit up front -----
 
@@ -224,8 +226,8 @@ class MemgaugePlugin:
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
-        run_file = os.environ.get("MEMGAUGE_RUN_FILE")
-        if not run_file or not self.settings.memprof:
+        run_file = self.run_file
+        if run_file is None:
             return (yield)
         start = time.time()
         try:
