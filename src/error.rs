@@ -1,5 +1,6 @@
 //! The library's errors. Each names the file, and the line or key, and says what to do.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -69,6 +70,14 @@ pub fn read_text(path: &Path, hint: &str) -> Result<String> {
 
 /// Writes a file whole or not at all: into a temporary beside it, then renamed over it.
 pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
+    write_atomically_with(path, |out| out.write_all(contents))
+}
+
+/// [`write_atomically`] for output produced piece by piece, streamed rather than held whole.
+pub fn write_atomically_with(
+    path: &Path,
+    produce: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let write_error = |source| Error::Write {
         path: path.to_owned(),
         source,
@@ -82,9 +91,10 @@ pub fn write_atomically(path: &Path, contents: &[u8]) -> Result<()> {
         std::fs::create_dir_all(parent).map_err(write_error)?;
     }
     let result = (|| {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(contents)?;
+        let mut out =
+            std::io::BufWriter::with_capacity(1 << 16, std::fs::File::create(&temporary)?);
+        produce(&mut out)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)
     })();

@@ -122,12 +122,7 @@ pub fn report(
     title: &str,
 ) -> String {
     let statuses: HashMap<&str, Status> = comparison
-        .map(|c| {
-            c.verdicts
-                .iter()
-                .map(|v| (v.test.as_str(), v.status))
-                .collect()
-        })
+        .map(|c| c.verdicts.iter().map(|v| (v.test, v.status)).collect())
         .unwrap_or_default();
     let mut changes: HashMap<&str, Vec<String>> = HashMap::new();
     let mut improved: HashMap<&str, Vec<String>> = HashMap::new();
