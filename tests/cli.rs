@@ -305,3 +305,71 @@ fn version_and_help_exit_0() {
     assert_eq!(out.status.code(), Some(0));
     assert!(stdout(&out).contains("Exit codes: 0 within limits, 1 regression found, 2 bad input"));
 }
+
+#[test]
+fn a_hand_edited_baseline_gates_like_the_written_one() {
+    // Other spacing, an inline table, a trailing comment and a hand-set tolerance: not the
+    // layout `baseline update` writes, so the general TOML reader takes it.
+    let dir = setup(12_000_000);
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "schema = 1\n[tests]\n\"t.py::a\" = { peak_bytes = 10_000_000, leaked_bytes = 0 }\n\
+         [tests.\"t.py::small\"]\npeak_bytes   =   2000 # by hand\ntolerance = '5%'\n",
+    )
+    .unwrap();
+    let out = compare(dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("REGRESSION  t.py::a  peak"),
+        "{}",
+        stdout(&out)
+    );
+    // The same values in the written layout give the same verdict.
+    let rewritten = memgauge(
+        dir.path(),
+        &["baseline", "update", "base.json", "--baseline", "b2.toml"],
+        &[],
+    );
+    assert_eq!(rewritten.status.code(), Some(0), "{}", stderr(&rewritten));
+    let out = memgauge(
+        dir.path(),
+        &["compare", "now.json", "--baseline", "b2.toml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+#[test]
+fn a_crashed_run_is_gated_on_what_it_finished() {
+    // The stream a killed pytest leaves: `a` finished (and regressed), `small` was running.
+    let dir = setup(1);
+    let stream = r#"{"event": "session", "environment": {}}
+{"event": "start", "id": "t.py::a"}
+{"event": "test", "id": "t.py::a", "outcome": "passed", "file": "t.py", "line": 3, "peak_bytes": 12000000, "leaked_bytes": 0, "top_sites": [{"file": "t.py", "line": 4, "function": "a", "bytes": 12000000}]}
+{"event": "start", "id": "t.py::small"}
+"#;
+    std::fs::write(dir.path().join("now.json.partial"), stream).unwrap();
+    let out = memgauge(
+        dir.path(),
+        &[
+            "compare",
+            "now.json.partial",
+            "--baseline",
+            "b.toml",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["regressions"][0]["test"], "t.py::a");
+    assert_eq!(
+        report["unmeasured_tests"],
+        serde_json::json!(["t.py::small"])
+    );
+    assert_eq!(
+        report["missing_tests"],
+        serde_json::json!(["t.py::test[\"q\" $HOME `tick` é]"])
+    );
+}
