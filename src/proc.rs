@@ -59,28 +59,83 @@ mod os {
     use super::*;
     use std::fs;
 
-    pub fn status_memory(pid: Option<u32>) -> Option<StatusMemory> {
-        let path = match pid {
-            Some(pid) => format!("/proc/{pid}/status"),
-            None => "/proc/self/status".to_owned(),
+    use std::fs::File;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Mutex;
+
+    /// This process's `status`, `statm` and `clear_refs`, kept open: a scope reads them a few
+    /// times as it opens and closes, and an open, a stat and a close per read cost more than
+    /// the read. Reopened after a fork (`/proc/self` was resolved for the old pid).
+    struct OwnFiles {
+        pid: u32,
+        status: File,
+        statm: File,
+        clear_refs: Option<File>,
+    }
+
+    static OWN: Mutex<Option<OwnFiles>> = Mutex::new(None);
+
+    fn with_own<R>(read: impl FnOnce(&mut OwnFiles) -> io::Result<R>) -> io::Result<R> {
+        let mut own = OWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let pid = std::process::id();
+        let files = match own.take() {
+            Some(files) if files.pid == pid => files,
+            _ => OwnFiles {
+                pid,
+                status: File::open("/proc/self/status")?,
+                statm: File::open("/proc/self/statm")?,
+                clear_refs: None,
+            },
         };
-        fs::read_to_string(path)
-            .ok()
-            .map(|text| parse_status(&text))
+        let files = own.insert(files);
+        read(files)
+    }
+
+    /// The whole text of a /proc file, read from its start with `pread`. A read that leaves
+    /// room in the buffer has read to the end (a /proc file fills what it is given).
+    fn read_from_start(file: &File) -> io::Result<String> {
+        let mut bytes = vec![0u8; 4096];
+        let mut length = 0;
+        loop {
+            let read = file.read_at(&mut bytes[length..], length as u64)?;
+            length += read;
+            if length < bytes.len() {
+                break;
+            }
+            bytes.resize(bytes.len() * 2, 0);
+        }
+        bytes.truncate(length);
+        String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn status_memory(pid: Option<u32>) -> Option<StatusMemory> {
+        let text = match pid {
+            Some(pid) => fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+            None => with_own(|own| read_from_start(&own.status)).ok()?,
+        };
+        Some(parse_status(&text))
     }
 
     pub fn resident_bytes(pid: Option<u32>) -> Option<u64> {
-        let path = match pid {
-            Some(pid) => format!("/proc/{pid}/statm"),
-            None => "/proc/self/statm".to_owned(),
+        let text = match pid {
+            Some(pid) => fs::read_to_string(format!("/proc/{pid}/statm")).ok()?,
+            None => with_own(|own| read_from_start(&own.statm)).ok()?,
         };
-        let text = fs::read_to_string(path).ok()?;
         parse_statm(&text, crate::ffi::page_size())
     }
 
     pub fn reset_peak_resident() -> io::Result<()> {
         // Writing 5 resets VmHWM to the current RSS without touching page tables (proc(5)).
-        fs::write("/proc/self/clear_refs", "5")
+        with_own(|own| {
+            let file = match &mut own.clear_refs {
+                Some(file) => file,
+                None => own
+                    .clear_refs
+                    .insert(File::options().write(true).open("/proc/self/clear_refs")?),
+            };
+            file.write_all(b"5")
+        })
     }
 
     pub fn thread_ids() -> Option<Vec<u64>> {
@@ -212,10 +267,14 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn reads_this_process() {
-        let memory = status_memory(None).expect("/proc/self/status");
-        let rss = memory.rss_bytes.expect("VmRSS");
-        assert!(rss > 0 && memory.hwm_bytes.unwrap() >= rss);
-        assert!(resident_bytes(None).unwrap() > 0);
+        // Twice: the second read goes through the files kept open.
+        for _ in 0..2 {
+            let memory = status_memory(None).expect("/proc/self/status");
+            let rss = memory.rss_bytes.expect("VmRSS");
+            assert!(rss > 0 && memory.hwm_bytes.unwrap() >= rss);
+            assert!(resident_bytes(None).unwrap() > 0);
+            reset_peak_resident().expect("clear_refs");
+        }
         assert!(thread_ids().unwrap().contains(&(std::process::id() as u64)));
     }
 }

@@ -109,6 +109,25 @@ def test_rss_peak_sees_native_malloc():
     assert m.peak_bytes < MiB, m
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_rss_after_fork_is_the_childs_own():
+    # The engine keeps /proc/self files open between scopes; a forked child must read its own.
+    with memgauge.measure():
+        pass
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            with memgauge.measure() as m:
+                data = b"x" * (60 * MiB)  # written, so resident
+                del data
+            code = 0 if m.rss_peak_bytes is not None and m.rss_peak_bytes > 50 * MiB else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child read another process's RSS"
+
+
 def test_threads_started_inside_count_and_threads_from_before_do_not():
     stop = threading.Event()
     running = threading.Event()
