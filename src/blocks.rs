@@ -158,9 +158,13 @@ const MAX_CLASSES: usize = IN_TABLE as usize - 1;
 
 /// Words per dirty bit of a leaf: 4 KiB of words, a page.
 const CHUNK_BITS: u32 = 9;
-/// Leaves kept, cleaned, when the last scope closes: the next scope starts without page
-/// faults or 512 KiB `calloc`s, which cost more than a small test's whole measurement.
-const KEEP_LEAVES: usize = 16;
+/// Leaves kept, cleaned, when the last scope closes, for the next scope to reuse wherever it
+/// needs a leaf: it starts without page faults or 512 KiB `calloc`s, which cost more than a small
+/// test's whole measurement. (A pytest call phase touches about 20; a kept leaf holds only the
+/// pages that were written, zeroed.)
+const KEEP_LEAVES: usize = 64;
+/// Regions kept (empty) when the last scope closes: each is a 128 KiB table of leaves.
+const KEEP_REGIONS: usize = 8;
 
 struct Leaf {
     words: Box<[u64]>,
@@ -202,6 +206,8 @@ pub struct Blocks {
     /// The (scope mask, epoch) pairs blocks carry, interned: word class `i + 1` is `classes[i]`.
     classes: Vec<(ScopeMask, u32)>,
     len: usize,
+    /// Clean leaves, for whichever region needs one next.
+    spare: Vec<Leaf>,
 }
 
 /// Where an address's word is: region key, leaf and word index; `None` when it has none.
@@ -216,6 +222,24 @@ fn word_index(address: usize) -> Option<(u64, usize, usize)> {
     Some((granule >> (LEAF_BITS + REGION_BITS), leaf, word))
 }
 
+/// The region `key` of `regions`, moved to the front; made when `create` is set.
+fn region_in(regions: &mut Vec<Region>, key: u64, create: bool) -> Option<&mut Region> {
+    match regions.iter().position(|region| region.key == key) {
+        Some(0) => {}
+        Some(index) => regions.swap(0, index),
+        None if create => {
+            regions.push(Region {
+                key,
+                leaves: (0..1 << REGION_BITS).map(|_| None).collect(),
+            });
+            let last = regions.len() - 1;
+            regions.swap(0, last);
+        }
+        None => return None,
+    }
+    regions.first_mut()
+}
+
 impl Blocks {
     pub fn len(&self) -> usize {
         self.len
@@ -225,23 +249,19 @@ impl Blocks {
         self.len == 0
     }
 
-    /// Forgets every block. A few leaves stay, cleaned, for the next scope.
+    /// Forgets every block. Up to [`KEEP_LEAVES`] leaves stay, cleaned, for the next scope.
     pub fn clear(&mut self) {
-        let mut kept = 0;
         for region in &mut self.regions {
             for slot in region.leaves.iter_mut() {
-                if let Some(leaf) = slot {
-                    if kept < KEEP_LEAVES {
+                if let Some(mut leaf) = slot.take() {
+                    if self.spare.len() < KEEP_LEAVES {
                         leaf.clean();
-                        kept += 1;
-                    } else {
-                        *slot = None;
+                        self.spare.push(leaf);
                     }
                 }
             }
         }
-        self.regions
-            .retain(|region| region.leaves.iter().any(Option::is_some));
+        self.regions.truncate(KEEP_REGIONS);
         self.table = BlockTable::default();
         self.classes.clear();
         self.len = 0;
@@ -249,20 +269,7 @@ impl Blocks {
 
     /// The region `key`, moved to the front; made when `create` is set.
     fn region(&mut self, key: u64, create: bool) -> Option<&mut Region> {
-        match self.regions.iter().position(|region| region.key == key) {
-            Some(0) => {}
-            Some(index) => self.regions.swap(0, index),
-            None if create => {
-                self.regions.push(Region {
-                    key,
-                    leaves: (0..1 << REGION_BITS).map(|_| None).collect(),
-                });
-                let last = self.regions.len() - 1;
-                self.regions.swap(0, last);
-            }
-            None => return None,
-        }
-        self.regions.first_mut()
+        region_in(&mut self.regions, key, create)
     }
 
     /// The word of `address` when its leaf exists.
@@ -274,8 +281,9 @@ impl Blocks {
 
     fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
         let (region, leaf, word) = word_index(address)?;
-        let region = self.region(region, true)?;
-        let leaf = region.leaves[leaf].get_or_insert_with(Leaf::new);
+        let Blocks { regions, spare, .. } = self;
+        let region = region_in(regions, region, true)?;
+        let leaf = region.leaves[leaf].get_or_insert_with(|| spare.pop().unwrap_or_else(Leaf::new));
         leaf.dirty |= 1 << (word >> CHUNK_BITS);
         Some(&mut leaf.words[word])
     }
@@ -426,6 +434,8 @@ mod tests {
         blocks.insert(0x1008, plain);
         blocks.clear();
         assert!(blocks.is_empty());
+        assert_eq!(blocks.spare.len(), 40);
+        assert!(blocks.spare.iter().all(|leaf| leaf.dirty == 0));
         for leaf in 0..40usize {
             assert_eq!(
                 blocks.remove(0x7f00_0000_0000 + (leaf << 20) + 4096 * leaf),
@@ -433,6 +443,10 @@ mod tests {
             );
         }
         assert_eq!(blocks.remove(0x1008), None);
+        // A new leaf anywhere comes from the spares, clean.
+        assert_eq!(blocks.insert(0x5500_0000_0000, plain), None);
+        assert_eq!(blocks.spare.len(), 39);
+        assert_eq!(blocks.remove(0x5500_0000_0000), Some(plain));
         assert_eq!(blocks.insert(0x7f00_0000_0000, plain), None);
     }
 

@@ -199,6 +199,8 @@ class MemgaugePlugin:
         self.paths: dict[str, str] = {}
         self.stream = None
         self.locations: dict[str, tuple[str, int | None, str]] = {}
+        # Site files as shown (relative to the rootdir), by the path the engine reports.
+        self.relative_files: dict[str, str] = {}
         # Under `memgauge run`, each test's span goes to its run file.
         self.run_file = os.environ.get("MEMGAUGE_RUN_FILE") if settings.memprof else None
 
@@ -279,10 +281,14 @@ class MemgaugePlugin:
 
     def relative(self, file: str) -> str:
         """A site's file relative to the rootdir when it is inside it, as pytest shows paths."""
-        try:
-            return Path(file).relative_to(self.config.rootpath).as_posix()
-        except ValueError:
-            return file
+        shown = self.relative_files.get(file)
+        if shown is None:
+            try:
+                shown = Path(file).relative_to(self.config.rootpath).as_posix()
+            except ValueError:
+                shown = file
+            self.relative_files[file] = shown
+        return shown
 
     @pytest.hookimpl(wrapper=True, trylast=True)
     def pytest_runtest_call(self, item: pytest.Item):
@@ -410,8 +416,7 @@ class MemgaugePlugin:
         output = self.settings.output
         temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
         with temporary.open("w", encoding="utf-8") as file:
-            json.dump(document, file, indent=1, sort_keys=False)
-            file.write("\n")
+            write_document(file, document)
         os.replace(temporary, output)
         if self.stream is not None:
             self.stream.close()
@@ -453,3 +458,19 @@ def environment() -> dict[str, Any]:
     if numpy is not None:
         env["numpy"] = getattr(numpy, "__version__", "unknown")
     return env
+
+
+def write_document(file: Any, document: dict[str, Any]) -> None:
+    """The results document with one test per line: JSON that reads and diffs well, written by
+    json's C encoder (``indent=`` falls back to the pure-Python one: seconds for 100,000 tests)."""
+    sections = ("tests", "benchmarks")
+    head = json.dumps({key: value for key, value in document.items() if key not in sections})
+    file.write(head[:-1])
+    for name in sections:
+        if name not in document:
+            continue
+        file.write(f",\n{json.dumps(name)}: {{")
+        entries = document[name].items()
+        file.write(",".join(f"\n {json.dumps(key)}: {json.dumps(value)}" for key, value in entries))
+        file.write("\n}")
+    file.write("}\n")
