@@ -208,6 +208,8 @@ pub struct Blocks {
     len: usize,
     /// Clean leaves, for whichever region needs one next.
     spare: Vec<Leaf>,
+    /// The leaves in use, as (region key, leaf index): what `clear` visits.
+    in_use: Vec<(u64, usize)>,
 }
 
 /// Where an address's word is: region key, leaf and word index; `None` when it has none.
@@ -251,13 +253,12 @@ impl Blocks {
 
     /// Forgets every block. Up to [`KEEP_LEAVES`] leaves stay, cleaned, for the next scope.
     pub fn clear(&mut self) {
-        for region in &mut self.regions {
-            for slot in region.leaves.iter_mut() {
-                if let Some(mut leaf) = slot.take() {
-                    if self.spare.len() < KEEP_LEAVES {
-                        leaf.clean();
-                        self.spare.push(leaf);
-                    }
+        for (key, index) in self.in_use.drain(..) {
+            let region = region_in(&mut self.regions, key, false);
+            if let Some(mut leaf) = region.and_then(|region| region.leaves[index].take()) {
+                if self.spare.len() < KEEP_LEAVES {
+                    leaf.clean();
+                    self.spare.push(leaf);
                 }
             }
         }
@@ -280,10 +281,18 @@ impl Blocks {
     }
 
     fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
-        let (region, leaf, word) = word_index(address)?;
-        let Blocks { regions, spare, .. } = self;
-        let region = region_in(regions, region, true)?;
-        let leaf = region.leaves[leaf].get_or_insert_with(|| spare.pop().unwrap_or_else(Leaf::new));
+        let (key, index, word) = word_index(address)?;
+        let Blocks {
+            regions,
+            spare,
+            in_use,
+            ..
+        } = self;
+        let region = region_in(regions, key, true)?;
+        let leaf = region.leaves[index].get_or_insert_with(|| {
+            in_use.push((key, index));
+            spare.pop().unwrap_or_else(Leaf::new)
+        });
         leaf.dirty |= 1 << (word >> CHUNK_BITS);
         Some(&mut leaf.words[word])
     }
