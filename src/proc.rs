@@ -57,9 +57,7 @@ pub fn parse_task_ids<I: IntoIterator<Item = String>>(names: I) -> Vec<u64> {
 #[cfg(target_os = "linux")]
 mod os {
     use super::*;
-    use std::fs;
-
-    use std::fs::File;
+    use std::fs::{self, File};
     use std::io::Write;
     use std::os::unix::fs::FileExt;
     use std::sync::Mutex;
@@ -77,19 +75,27 @@ mod os {
     static OWN: Mutex<Option<OwnFiles>> = Mutex::new(None);
 
     fn with_own<R>(read: impl FnOnce(&mut OwnFiles) -> io::Result<R>) -> io::Result<R> {
-        let mut own = OWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let pid = std::process::id();
-        let files = match own.take() {
-            Some(files) if files.pid == pid => files,
-            _ => OwnFiles {
+        let open = || -> io::Result<OwnFiles> {
+            Ok(OwnFiles {
                 pid,
                 status: File::open("/proc/self/status")?,
                 statm: File::open("/proc/self/statm")?,
                 clear_refs: None,
-            },
+            })
         };
-        let files = own.insert(files);
-        read(files)
+        // Never waits: when another thread has the files (the fallback sampler), or a fork
+        // left the lock held in this child, this read opens its own.
+        let mut own = match OWN.try_lock() {
+            Ok(own) => own,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return read(&mut open()?),
+        };
+        let files = match own.take() {
+            Some(files) if files.pid == pid => files,
+            _ => open()?,
+        };
+        read(own.insert(files))
     }
 
     /// The whole text of a /proc file, read from its start with `pread`. A read that leaves
