@@ -205,7 +205,7 @@ pub fn format_size(bytes: i64) -> String {
 /// The process's current RSS and its high water mark, in bytes (None where the OS does not say).
 #[pyfunction]
 pub fn rss_bytes() -> (Option<u64>, Option<u64>) {
-    let status = crate::proc::status_memory(None).unwrap_or_default();
+    let status = crate::proc::status_memory().unwrap_or_default();
     (status.rss_bytes, status.hwm_bytes)
 }
 

@@ -12,8 +12,8 @@
 //!   beyond 48 bits, sizes of 64 GiB and more, site ids past 2^20, more than 254 scope classes.
 //!
 //! The leaves cost, in resident memory, at most half the span of small blocks they cover
-//! (8 bytes per 16); a hash entry per small block costs about as much. All of it goes when the
-//! last scope closes.
+//! (8 bytes per 16); a hash entry per small block costs about as much. When the last scope
+//! closes, the blocks are forgotten and a few leaves stay, cleaned, for the next scope.
 
 use crate::tracker::{Block, ScopeMask, SiteId};
 
@@ -62,6 +62,14 @@ impl BlockTable {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Empty and at its smallest again; a table that already is stays as it is (no new
+    /// allocation when a scope closes).
+    pub fn reset(&mut self) {
+        if self.len > 0 || self.bits > MIN_BITS {
+            *self = Self::default();
+        }
     }
 
     fn mask(&self) -> usize {
@@ -263,20 +271,15 @@ impl Blocks {
             }
         }
         self.regions.truncate(KEEP_REGIONS);
-        self.table = BlockTable::default();
+        self.table.reset();
         self.classes.clear();
         self.len = 0;
-    }
-
-    /// The region `key`, moved to the front; made when `create` is set.
-    fn region(&mut self, key: u64, create: bool) -> Option<&mut Region> {
-        region_in(&mut self.regions, key, create)
     }
 
     /// The word of `address` when its leaf exists.
     fn existing_word(&mut self, address: usize) -> Option<&mut u64> {
         let (region, leaf, word) = word_index(address)?;
-        let region = self.region(region, false)?;
+        let region = region_in(&mut self.regions, region, false)?;
         Some(&mut region.leaves[leaf].as_mut()?.words[word])
     }
 

@@ -179,9 +179,7 @@ fn run_plot(args: PlotArgs) -> Result<ExitStatus> {
         )));
     }
     let run = timeline::Run::load(&file)?;
-    let title = args
-        .title
-        .unwrap_or_else(|| format!("memgauge run: {}", run.command.join(" ")));
+    let title = args.title.unwrap_or_else(|| run.title());
     write_atomically(&output, timeline::svg(&run, &title).as_bytes())?;
     println!("memgauge: wrote {}", output.display());
     Ok(ExitStatus::Success)
@@ -407,9 +405,7 @@ fn run_report(args: ReportArgs, settings: &Settings) -> Result<ExitStatus> {
             None => None,
         };
         let run = args.run.as_deref().map(timeline::Run::load).transpose()?;
-        let svg = run
-            .as_ref()
-            .map(|run| timeline::svg(run, &format!("memgauge run: {}", run.command.join(" "))));
+        let svg = run.as_ref().map(|run| timeline::svg(run, &run.title()));
         let title = format!("memgauge report: {}", results_path.display());
         crate::html::report(&results, comparison.as_ref(), svg.as_deref(), &title)
     } else {

@@ -105,12 +105,22 @@ mod python {
     /// few sites at a time, and the cache answers most lookups with one compare.
     const SITE_CACHE: usize = 1024;
 
-    #[derive(Default)]
     struct SiteTable {
         index: FastMap<(usize, c_int), SiteId>,
-        cache: Vec<(usize, c_int, SiteId)>,
+        /// Entries whose id is [`NATIVE_SITE`] are empty.
+        cache: Box<[(usize, c_int, SiteId); SITE_CACHE]>,
         /// `sites[i - 1]` is site `i`; site 0 is "no Python frame".
         sites: Vec<(CodeRef, c_int)>,
+    }
+
+    impl Default for SiteTable {
+        fn default() -> Self {
+            SiteTable {
+                index: FastMap::default(),
+                cache: Box::new([(0, 0, NATIVE_SITE); SITE_CACHE]),
+                sites: Vec::new(),
+            }
+        }
     }
 
     impl SiteTable {
@@ -123,9 +133,6 @@ mod python {
             let slot = ((key.0 as u64 ^ (key.1 as u64).rotate_left(32))
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 >> (64 - SITE_CACHE.trailing_zeros())) as usize;
-            if self.cache.is_empty() {
-                self.cache = vec![(0, 0, NATIVE_SITE); SITE_CACHE];
-            }
             let cached = self.cache[slot];
             let found = if (cached.0, cached.1) == key && cached.2 != NATIVE_SITE {
                 Some(cached.2)

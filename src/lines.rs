@@ -69,7 +69,7 @@ impl Rss {
             || (self.events % CLOCK_EVERY == 0
                 && self.read_at.is_some_and(|at| at.elapsed() >= RSS_EVERY));
         if due {
-            self.bytes = crate::proc::resident_bytes(None);
+            self.bytes = crate::proc::resident_bytes();
             self.read_at = Some(Instant::now());
             self.live_at_read = live;
         }

@@ -59,7 +59,6 @@ mod os {
     use super::*;
     use std::fs::{self, File};
     use std::io::Write;
-    use std::os::unix::fs::FileExt;
     use std::sync::Mutex;
 
     /// This process's `status`, `statm` and `clear_refs`, kept open: a scope reads them a few
@@ -98,36 +97,13 @@ mod os {
         read(own.insert(files))
     }
 
-    /// The whole text of a /proc file, read from its start with `pread`. A read that leaves
-    /// room in the buffer has read to the end (a /proc file fills what it is given).
-    fn read_from_start(file: &File) -> io::Result<String> {
-        let mut bytes = vec![0u8; 4096];
-        let mut length = 0;
-        loop {
-            let read = file.read_at(&mut bytes[length..], length as u64)?;
-            length += read;
-            if length < bytes.len() {
-                break;
-            }
-            bytes.resize(bytes.len() * 2, 0);
-        }
-        bytes.truncate(length);
-        String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-    }
-
-    pub fn status_memory(pid: Option<u32>) -> Option<StatusMemory> {
-        let text = match pid {
-            Some(pid) => fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
-            None => with_own(|own| read_from_start(&own.status)).ok()?,
-        };
+    pub fn status_memory() -> Option<StatusMemory> {
+        let text = with_own(|own| read_from_start(&mut own.status)).ok()?;
         Some(parse_status(&text))
     }
 
-    pub fn resident_bytes(pid: Option<u32>) -> Option<u64> {
-        let text = match pid {
-            Some(pid) => fs::read_to_string(format!("/proc/{pid}/statm")).ok()?,
-            None => with_own(|own| read_from_start(&own.statm)).ok()?,
-        };
+    pub fn resident_bytes() -> Option<u64> {
+        let text = with_own(|own| read_from_start(&mut own.statm)).ok()?;
         parse_statm(&text, crate::ffi::page_size())
     }
 
@@ -173,11 +149,11 @@ mod os {
 mod os {
     use super::*;
 
-    pub fn status_memory(_pid: Option<u32>) -> Option<StatusMemory> {
+    pub fn status_memory() -> Option<StatusMemory> {
         None
     }
 
-    pub fn resident_bytes(_pid: Option<u32>) -> Option<u64> {
+    pub fn resident_bytes() -> Option<u64> {
         None
     }
 
@@ -197,14 +173,40 @@ mod os {
     }
 }
 
-/// `VmRSS` and `VmHWM` of this process (or of `pid`), where the OS tells them.
-pub fn status_memory(pid: Option<u32>) -> Option<StatusMemory> {
-    os::status_memory(pid)
+/// `VmRSS` and `VmHWM` of this process, where the OS tells them.
+pub fn status_memory() -> Option<StatusMemory> {
+    os::status_memory()
 }
 
-/// The resident set size now, from the cheap `statm` file (for sampling).
-pub fn resident_bytes(pid: Option<u32>) -> Option<u64> {
-    os::resident_bytes(pid)
+/// This process's resident set size now, from the cheap `statm` file (for sampling).
+pub fn resident_bytes() -> Option<u64> {
+    os::resident_bytes()
+}
+
+/// The whole text of a small file kept open (a /proc file), read again from its start: one
+/// `pread` where there is one. A read that leaves room in the buffer has read to the end (a
+/// /proc file fills what it is given).
+pub fn read_from_start(file: &mut std::fs::File) -> io::Result<String> {
+    let mut bytes = vec![0u8; 4096];
+    let mut length = 0;
+    #[cfg(not(unix))]
+    {
+        use std::io::{Seek, SeekFrom};
+        file.seek(SeekFrom::Start(0))?;
+    }
+    loop {
+        #[cfg(unix)]
+        let read = std::os::unix::fs::FileExt::read_at(file, &mut bytes[length..], length as u64)?;
+        #[cfg(not(unix))]
+        let read = std::io::Read::read(file, &mut bytes[length..])?;
+        length += read;
+        if length < bytes.len() {
+            break;
+        }
+        bytes.resize(bytes.len() * 2, 0);
+    }
+    bytes.truncate(length);
+    String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Resets this process's `VmHWM` to its current RSS. Refused in some containers.
@@ -275,10 +277,10 @@ mod tests {
     fn reads_this_process() {
         // Twice: the second read goes through the files kept open.
         for _ in 0..2 {
-            let memory = status_memory(None).expect("/proc/self/status");
+            let memory = status_memory().expect("/proc/self/status");
             let rss = memory.rss_bytes.expect("VmRSS");
             assert!(rss > 0 && memory.hwm_bytes.unwrap() >= rss);
-            assert!(resident_bytes(None).unwrap() > 0);
+            assert!(resident_bytes().unwrap() > 0);
             reset_peak_resident().expect("clear_refs");
         }
         assert!(thread_ids().unwrap().contains(&(std::process::id() as u64)));

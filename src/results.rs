@@ -80,6 +80,28 @@ pub trait Record: serde::de::DeserializeOwned + Default {
     fn line(&self) -> Option<u32>;
 }
 
+/// The accessors both record types share: the same fields under the same names.
+macro_rules! record_fields {
+    () => {
+        fn figure(&self, figure: Figure) -> Option<u64> {
+            match figure {
+                Figure::Peak => self.peak_bytes,
+                Figure::Leaked => self.leaked_bytes,
+                Figure::Rss => self.rss_peak_bytes,
+                Figure::Allocations => self.allocations,
+            }
+        }
+
+        fn file(&self) -> Option<&str> {
+            self.file.as_deref()
+        }
+
+        fn line(&self) -> Option<u32> {
+            self.line
+        }
+    };
+}
+
 impl Record for TestRecord {
     fn crashed() -> Self {
         TestRecord {
@@ -89,22 +111,7 @@ impl Record for TestRecord {
         }
     }
 
-    fn figure(&self, figure: Figure) -> Option<u64> {
-        match figure {
-            Figure::Peak => self.peak_bytes,
-            Figure::Leaked => self.leaked_bytes,
-            Figure::Rss => self.rss_peak_bytes,
-            Figure::Allocations => self.allocations,
-        }
-    }
-
-    fn file(&self) -> Option<&str> {
-        self.file.as_deref()
-    }
-
-    fn line(&self) -> Option<u32> {
-        self.line
-    }
+    record_fields!();
 }
 
 impl Record for GateRecord {
@@ -112,22 +119,7 @@ impl Record for GateRecord {
         GateRecord::default()
     }
 
-    fn figure(&self, figure: Figure) -> Option<u64> {
-        match figure {
-            Figure::Peak => self.peak_bytes,
-            Figure::Leaked => self.leaked_bytes,
-            Figure::Rss => self.rss_peak_bytes,
-            Figure::Allocations => self.allocations,
-        }
-    }
-
-    fn file(&self) -> Option<&str> {
-        self.file.as_deref()
-    }
-
-    fn line(&self) -> Option<u32> {
-        self.line
-    }
+    record_fields!();
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -34,7 +34,7 @@ struct Sampler {
 
 impl Sampler {
     fn start() -> Sampler {
-        let peak = Arc::new(AtomicU64::new(proc::resident_bytes(None).unwrap_or(0)));
+        let peak = Arc::new(AtomicU64::new(proc::resident_bytes().unwrap_or(0)));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
@@ -42,7 +42,7 @@ impl Sampler {
                 .name("memgauge-rss".to_owned())
                 .spawn(move || {
                     while !stop.load(Relaxed) {
-                        if let Some(rss) = proc::resident_bytes(None) {
+                        if let Some(rss) = proc::resident_bytes() {
                             peak.fetch_max(rss, Relaxed);
                         }
                         std::thread::sleep(SAMPLE_INTERVAL);
@@ -88,7 +88,7 @@ impl RssMonitor {
     /// Reads the mark since the last reset, folds it into every open window, and resets it.
     fn checkpoint(&mut self) {
         let peak = match &self.source {
-            Some(Source::Kernel) => proc::status_memory(None).and_then(|m| m.hwm_bytes),
+            Some(Source::Kernel) => proc::status_memory().and_then(|m| m.hwm_bytes),
             Some(Source::Sampler(sampler)) => Some(sampler.peak.load(Relaxed)),
             None => None,
         };
@@ -106,7 +106,7 @@ impl RssMonitor {
             Some(Source::Sampler(sampler)) => {
                 sampler
                     .peak
-                    .store(proc::resident_bytes(None).unwrap_or(0), Relaxed);
+                    .store(proc::resident_bytes().unwrap_or(0), Relaxed);
             }
             None => {}
         }
@@ -125,10 +125,10 @@ impl RssMonitor {
 
     /// Opens a window; None where the OS does not tell the RSS.
     pub fn open(&mut self) -> Option<usize> {
-        proc::resident_bytes(None)?;
+        proc::resident_bytes()?;
         self.ensure_source();
         self.checkpoint();
-        let start = proc::resident_bytes(None)?;
+        let start = proc::resident_bytes()?;
         let window = Window {
             start,
             max_seen: start,
@@ -148,7 +148,7 @@ impl RssMonitor {
     pub fn close(&mut self, id: usize) -> RssFigures {
         self.checkpoint();
         let sampled = matches!(self.source, Some(Source::Sampler(_)));
-        let end = proc::resident_bytes(None);
+        let end = proc::resident_bytes();
         let Some(window) = self.windows.get_mut(id).and_then(Option::take) else {
             return RssFigures::default();
         };

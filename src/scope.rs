@@ -130,8 +130,26 @@ impl Scope {
             .map(rss::close_window)
             .unwrap_or_default();
 
-        let top_sites = top_locations(py, &figures.sites_at_peak, self.top_sites);
-        let leak_sites = top_locations(py, &figures.sites_leaked, self.top_sites);
+        let (top_sites, leak_sites) = if self.top_sites == 0 {
+            (Vec::new(), Vec::new())
+        } else {
+            // Resolving a site calls Python: the two lists' sites are resolved together, once.
+            let ids: Vec<SiteId> = leading(&figures.sites_at_peak)
+                .chain(leading(&figures.sites_leaked))
+                .map(|&(id, _)| id)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let located: HashMap<SiteId, SiteLocation> = ids
+                .iter()
+                .copied()
+                .zip(ffi::locate_sites(py, &ids))
+                .collect();
+            (
+                top_locations(&located, &figures.sites_at_peak, self.top_sites),
+                top_locations(&located, &figures.sites_leaked, self.top_sites),
+            )
+        };
         ffi::release_sites_if_idle(py);
 
         Measurement {
@@ -150,18 +168,29 @@ impl Scope {
     }
 }
 
+/// The sites that decide the top lines: the largest few hundred.
+fn leading(sites: &[(SiteId, u64)]) -> impl Iterator<Item = &(SiteId, u64)> {
+    sites.iter().take(256)
+}
+
 /// The `limit` lines with the most bytes, sites on the same line merged.
-fn top_locations(py: Python<'_>, sites: &[(SiteId, u64)], limit: usize) -> Vec<SiteBytes> {
-    // Resolving a site calls Python; the largest few hundred decide the top lines.
-    let ids: Vec<_> = sites.iter().take(256).map(|&(id, _)| id).collect();
-    let locations = ffi::locate_sites(py, &ids);
-    let mut merged: HashMap<SiteLocation, u64> = HashMap::new();
-    for (location, &(_, bytes)) in locations.into_iter().zip(sites) {
-        *merged.entry(location).or_default() += bytes;
+fn top_locations(
+    located: &HashMap<SiteId, SiteLocation>,
+    sites: &[(SiteId, u64)],
+    limit: usize,
+) -> Vec<SiteBytes> {
+    let mut merged: HashMap<&SiteLocation, u64> = HashMap::new();
+    for (id, bytes) in leading(sites) {
+        if let Some(location) = located.get(id) {
+            *merged.entry(location).or_default() += bytes;
+        }
     }
     let mut top: Vec<SiteBytes> = merged
         .into_iter()
-        .map(|(location, bytes)| SiteBytes { location, bytes })
+        .map(|(location, bytes)| SiteBytes {
+            location: location.clone(),
+            bytes,
+        })
         .collect();
     top.sort_by(|a, b| {
         b.bytes

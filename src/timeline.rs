@@ -124,7 +124,8 @@ impl Sampler {
         let mut gone = Vec::new();
         for (pid, file) in &mut self.files {
             // A process that exited but is not reaped yet reads as 0 pages: it is gone.
-            let bytes = resident_pages(file).and_then(|text| crate::proc::parse_statm(&text, page));
+            let text = crate::proc::read_from_start(file).ok();
+            let bytes = text.and_then(|text| crate::proc::parse_statm(&text, page));
             match bytes.filter(|&bytes| bytes > 0) {
                 Some(bytes) => {
                     let comma = if entries.is_empty() { "" } else { "," };
@@ -138,20 +139,6 @@ impl Sampler {
             let _ = writeln!(line, r#"{{"t":{t:.6},"rss":[{entries}]}}"#);
         }
     }
-}
-
-/// The text of a small /proc file, read from its start in one `pread`.
-fn resident_pages(file: &mut File) -> Option<String> {
-    let mut bytes = [0u8; 256];
-    #[cfg(unix)]
-    let read = std::os::unix::fs::FileExt::read_at(file, &mut bytes, 0).ok()?;
-    #[cfg(not(unix))]
-    let read = {
-        use std::io::{Read, Seek, SeekFrom};
-        file.seek(SeekFrom::Start(0)).ok()?;
-        file.read(&mut bytes).ok()?
-    };
-    std::str::from_utf8(&bytes[..read]).ok().map(str::to_owned)
 }
 
 /// Runs the command, sampling RSS into the run file; returns the command's exit code.
@@ -282,6 +269,11 @@ pub struct Run {
 }
 
 impl Run {
+    /// The plot's title when none is given: the command that ran.
+    pub fn title(&self) -> String {
+        format!("memgauge run: {}", self.command.join(" "))
+    }
+
     pub fn load(path: &Path) -> Result<Run> {
         let text = read_text(path, ": record one with `memgauge run -- COMMAND`")?;
         let mut run = Run::default();

@@ -235,8 +235,14 @@ class MemgaugePlugin:
         try:
             return (yield)
         finally:
-            span = {"event": "test", "id": item.nodeid, "start": start, "end": time.time()}
-            line = (json.dumps({**span, "pid": os.getpid()}) + "\n").encode()
+            span = {
+                "event": "test",
+                "id": item.nodeid,
+                "start": start,
+                "end": time.time(),
+                "pid": os.getpid(),
+            }
+            line = (json.dumps(span) + "\n").encode()
             # One write to a file opened for appending: lines from xdist workers stay whole.
             try:
                 fd = os.open(run_file, os.O_WRONLY | os.O_APPEND)
