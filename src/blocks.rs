@@ -276,13 +276,6 @@ impl Blocks {
         self.len = 0;
     }
 
-    /// The word of `address` when its leaf exists.
-    fn existing_word(&mut self, address: usize) -> Option<&mut u64> {
-        let (region, leaf, word) = word_index(address)?;
-        let region = region_in(&mut self.regions, region, false)?;
-        Some(&mut region.leaves[leaf].as_mut()?.words[word])
-    }
-
     fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
         let (key, index, word) = word_index(address)?;
         let Blocks {
@@ -337,6 +330,28 @@ impl Blocks {
         }
     }
 
+    /// Inserts a block into an empty word of the shadow map: an allocation's hot path. Returns
+    /// false, having recorded nothing, when the block needs [`Blocks::insert`]: the address or
+    /// the figures do not fit a word, or the word is taken (a free no hook saw).
+    #[inline]
+    pub fn insert_new(&mut self, address: usize, block: &Block) -> bool {
+        if (block.size as u64) >> SIZE_BITS != 0 || block.site >> SITE_BITS != 0 {
+            return false;
+        }
+        let Some(class) = self.class(block.mask, block.epoch) else {
+            return false;
+        };
+        let Some(word) = self.word_mut(address) else {
+            return false;
+        };
+        if *word != 0 {
+            return false;
+        }
+        *word = block.size as u64 | u64::from(block.site) << SIZE_BITS | class << CLASS_SHIFT;
+        self.len += 1;
+        true
+    }
+
     /// Inserts or replaces; returns the block that was there.
     pub fn insert(&mut self, address: usize, block: Block) -> Option<Block> {
         let packed = self.pack(&block);
@@ -369,11 +384,14 @@ impl Blocks {
     }
 
     pub fn remove(&mut self, address: usize) -> Option<Block> {
-        let old = if word_index(address).is_some() {
-            let word = self.existing_word(address).map_or(0, std::mem::take);
-            self.take(address, word)
-        } else {
-            self.table.remove(address)
+        let old = match word_index(address) {
+            Some((key, leaf, word)) => {
+                let word = region_in(&mut self.regions, key, false)
+                    .and_then(|region| region.leaves[leaf].as_mut())
+                    .map_or(0, |leaf| std::mem::take(&mut leaf.words[word]));
+                self.take(address, word)
+            }
+            None => self.table.remove(address),
         };
         if old.is_some() {
             self.len -= 1;

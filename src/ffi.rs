@@ -124,7 +124,7 @@ mod python {
     }
 
     impl SiteTable {
-        /// Takes ownership of the reference in `site`.
+        /// `site`'s code object is borrowed; the table takes a reference when it adds a site.
         fn intern(&mut self, site: Option<(*mut ffi::PyObject, c_int)>) -> SiteId {
             let Some((code, offset)) = site else {
                 return NATIVE_SITE;
@@ -144,11 +144,10 @@ mod python {
                 found
             };
             if let Some(id) = found {
-                // SAFETY: `code` is a strong reference we own; the frame holds another, so this
-                // never frees and cannot re-enter the allocator.
-                unsafe { ffi::Py_DECREF(code) };
                 return id;
             }
+            // SAFETY: the GIL is held (there is a frame) and the frame holds the code object.
+            unsafe { ffi::Py_INCREF(code) };
             self.sites.push((CodeRef(code), offset));
             let id = self.sites.len() as SiteId;
             self.index.insert(key, id);
@@ -308,7 +307,7 @@ mod python {
         result
     }
 
-    /// The code object and instruction of the innermost Python frame of this thread.
+    /// The code object (borrowed) and instruction of the innermost Python frame of this thread.
     ///
     /// # Safety
     /// The caller holds the GIL unless `check_gil` is set.
@@ -317,6 +316,22 @@ mod python {
         if check_gil && unsafe { ffi::PyGILState_Check() } == 0 {
             return None;
         }
+        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        if let Some(code_offset) = frames::validated() {
+            // SAFETY: the GIL is held and the layout was checked against the public API.
+            return unsafe { frames::innermost(code_offset) };
+        }
+        // SAFETY: the GIL is held.
+        unsafe { public_site() }
+    }
+
+    /// [`current_site`] through the public API. Since 3.11 this makes a frame object for the
+    /// frame (an allocation, and a copy when the frame returns), which costs more than the rest
+    /// of a hook together in call-heavy code.
+    ///
+    /// # Safety
+    /// The caller holds the GIL.
+    unsafe fn public_site() -> Option<(*mut ffi::PyObject, c_int)> {
         // SAFETY: the GIL is held. PyEval_GetFrame skips incomplete frames since 3.11.0
         // (gh-96975); it may create the frame object, an allocation that passes through as busy.
         let frame = unsafe { ffi::PyEval_GetFrame() };
@@ -324,14 +339,134 @@ mod python {
             return None;
         }
         // SAFETY: `frame` is a live frame object (borrowed); PyFrame_GetCode returns a new
-        // reference and the offset getters only read the frame.
+        // reference, dropped at once (the frame holds another, so this never frees), and the
+        // offset getters only read the frame.
         unsafe {
             let code = ffi::PyFrame_GetCode(frame).cast::<ffi::PyObject>();
+            ffi::Py_DECREF(code);
             #[cfg(Py_3_11)]
             let offset = ffi::PyFrame_GetLasti(frame);
             #[cfg(not(Py_3_11))]
             let offset = ffi::PyFrame_GetLineNumber(frame);
             Some((code, offset))
+        }
+    }
+
+    /// Reading the interpreter's own frames (3.11 to 3.13), as profilers such as py-spy and
+    /// memray do: the public API would make a frame object for every frame that allocates.
+    ///
+    /// The layouts are those of CPython's headers (`Include/cpython/pystate.h`,
+    /// `Include/internal/pycore_frame.h`) for each version; only 3.11 runs here. Before first
+    /// use they are checked against the public API on the caller's frame, and a mismatch keeps
+    /// the public API.
+    #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+    mod frames {
+        use std::ffi::c_int;
+        use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
+
+        use pyo3::ffi;
+
+        /// Where `PyThreadState` keeps the current frame: the `cframe` pointer, then the
+        /// frame pointer inside `_PyCFrame` (3.11, 3.12); or the frame pointer itself (3.13).
+        #[cfg(not(Py_3_12))]
+        const PATH: (usize, Option<usize>) = (56, Some(8));
+        #[cfg(all(Py_3_12, not(Py_3_13)))]
+        const PATH: (usize, Option<usize>) = (56, Some(0));
+        #[cfg(Py_3_13)]
+        const PATH: (usize, Option<usize>) = (72, None);
+
+        /// Offsets in `_PyInterpreterFrame` of the code object, the previous frame, the
+        /// instruction pointer and the owner byte.
+        #[cfg(not(Py_3_12))]
+        const FRAME: (usize, usize, usize, usize) = (32, 48, 56, 69);
+        #[cfg(Py_3_12)]
+        const FRAME: (usize, usize, usize, usize) = (0, 8, 56, 70);
+        /// Frames the interpreter pushes for C calls into it (3.12+), with no Python code.
+        const OWNED_BY_CSTACK: u8 = 3;
+
+        /// 0 untested, -1 refused, else the offset of the bytecode in a code object, which
+        /// turns an instruction pointer into `PyFrame_GetLasti`'s byte offset.
+        static CODE_OFFSET: AtomicIsize = AtomicIsize::new(0);
+
+        pub(super) fn validated() -> Option<isize> {
+            let offset = CODE_OFFSET.load(Relaxed);
+            (offset > 0).then_some(offset)
+        }
+
+        /// # Safety
+        /// The GIL is held and the layouts were validated (or are being).
+        unsafe fn read<T: Copy>(base: *const u8, offset: usize) -> T {
+            // SAFETY: the caller's layout says `base + offset` holds a T.
+            unsafe { base.add(offset).cast::<T>().read() }
+        }
+
+        /// The innermost frame with Python code, as (frame, code, instruction pointer).
+        ///
+        /// # Safety
+        /// The GIL is held and the layouts are right for this interpreter.
+        unsafe fn walk() -> Option<(*const u8, *mut ffi::PyObject, usize)> {
+            // SAFETY: the GIL is held, so there is a thread state; the reads follow the
+            // layouts of this version, and each pointer is checked before it is followed.
+            unsafe {
+                let tstate = ffi::compat::PyThreadState_GetUnchecked().cast::<u8>();
+                if tstate.is_null() {
+                    return None;
+                }
+                let mut frame: *const u8 = read(tstate, PATH.0);
+                if let Some(inner) = PATH.1 {
+                    if frame.is_null() {
+                        return None;
+                    }
+                    frame = read(frame, inner);
+                }
+                let (code_at, previous_at, instr_at, owner_at) = FRAME;
+                while !frame.is_null() {
+                    if read::<u8>(frame, owner_at) != OWNED_BY_CSTACK {
+                        let code: *mut ffi::PyObject = read(frame, code_at);
+                        if !code.is_null() && ffi::PyCode_Check(code) != 0 {
+                            return Some((frame, code, read(frame, instr_at)));
+                        }
+                    }
+                    frame = read(frame, previous_at);
+                }
+                None
+            }
+        }
+
+        /// # Safety
+        /// The GIL is held and [`validated`] returned `code_offset`.
+        pub(super) unsafe fn innermost(code_offset: isize) -> Option<(*mut ffi::PyObject, c_int)> {
+            // SAFETY: as the caller promises.
+            let (_, code, instr) = unsafe { walk() }?;
+            let lasti = instr as isize - code as isize - code_offset;
+            Some((code, c_int::try_from(lasti).unwrap_or(-1)))
+        }
+
+        /// Checks the layouts against the public API on the calling Python frame, once:
+        /// the same code object, and an instruction pointer that lands inside it.
+        ///
+        /// # Safety
+        /// The GIL is held.
+        pub(super) unsafe fn validate() {
+            if CODE_OFFSET.load(Relaxed) != 0 {
+                return;
+            }
+            // SAFETY: the GIL is held.
+            let public = unsafe { super::public_site() };
+            let Some((code, lasti)) = public else {
+                return; // No Python frame to check against: try again next time.
+            };
+            // SAFETY: the GIL is held; a wrong layout is what this call finds out.
+            let direct = unsafe { walk() };
+            let offset = match direct {
+                Some((_, direct_code, instr)) if direct_code == code => {
+                    instr as isize - code as isize - lasti as isize
+                }
+                _ => -1,
+            };
+            // The bytecode follows the code object's fixed fields: a few hundred bytes in.
+            let plausible = (64..1024).contains(&offset) && offset % 2 == 0;
+            CODE_OFFSET.store(if plausible { offset } else { -1 }, Relaxed);
         }
     }
 
@@ -349,11 +484,6 @@ mod python {
         };
         let mut guard = lock();
         let Some(engine) = guard.as_mut() else {
-            drop(guard);
-            if let Some((code, _)) = site {
-                // SAFETY: our own strong reference; the frame holds another.
-                unsafe { ffi::Py_DECREF(code) };
-            }
             return;
         };
         let mask = cached.unwrap_or_else(|| thread.refresh_membership(engine));
@@ -757,6 +887,9 @@ mod python {
             uninstall_pymem_hooks(py);
             unpatch_numpy(py);
         } else {
+            #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+            // SAFETY: the token says the GIL is held.
+            untraced(|| unsafe { frames::validate() });
             install_pymem_hooks(py);
             patch_numpy(py);
         }

@@ -94,6 +94,18 @@ impl ScopeState {
         self.sites[index].touch(self.peak_version)
     }
 
+    #[inline]
+    fn count_alloc(&mut self, bytes: u64, site: SiteId) {
+        self.allocations += 1;
+        self.allocated += bytes;
+        self.live += bytes;
+        self.site(site).live += bytes;
+        if self.live > self.peak {
+            self.peak = self.live;
+            self.peak_version += 1;
+        }
+    }
+
     fn follows(&self, thread: u64) -> bool {
         thread == self.opener_thread || self.threads_before.binary_search(&thread).is_err()
     }
@@ -274,19 +286,20 @@ impl Tracker {
             site,
             mask,
         };
-        self.insert_block(address, block);
+        if !self.blocks.insert_new(address, &block) {
+            self.insert_block(address, block);
+        }
         let bytes = size as u64;
+        if mask & (mask - 1) == 0 {
+            // One scope follows the thread (the common case): no loop.
+            if let Some(scope) = self.scopes[mask.trailing_zeros() as usize].as_mut() {
+                scope.count_alloc(bytes, site);
+            }
+            return;
+        }
         for slot in slots(mask) {
-            let Some(scope) = self.scopes[slot].as_mut() else {
-                continue;
-            };
-            scope.allocations += 1;
-            scope.allocated += bytes;
-            scope.live += bytes;
-            scope.site(site).live += bytes;
-            if scope.live > scope.peak {
-                scope.peak = scope.live;
-                scope.peak_version += 1;
+            if let Some(scope) = self.scopes[slot].as_mut() {
+                scope.count_alloc(bytes, site);
             }
         }
     }
@@ -324,8 +337,10 @@ impl Tracker {
         });
     }
 
+    #[inline]
     fn each_counting_scope(&mut self, block: &Block, mut apply: impl FnMut(&mut ScopeState)) {
-        for slot in slots(block.mask & self.open_mask) {
+        let mask = block.mask & self.open_mask;
+        for slot in slots(mask) {
             if let Some(scope) = self.scopes[slot].as_mut() {
                 if scope.epoch <= block.epoch {
                     apply(scope);
