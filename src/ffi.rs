@@ -3,10 +3,12 @@
 //!
 //! The hooks wrap the allocators that were installed before them and feed [`Tracker`]. Rules
 //! that keep them correct:
-//! - A thread-local "busy" flag is held while a hook calls the original allocator, so nested
-//!   calls (pymalloc hands requests over 512 bytes to the raw domain; a frame lookup may allocate
-//!   a frame object) pass straight through: nothing is counted twice and the engine's own
-//!   allocations are never counted.
+//! - A "busy" flag is held while a hook calls the original allocator, so nested calls
+//!   (pymalloc hands requests over 512 bytes to the raw domain; a frame lookup through the
+//!   public API may allocate a frame object) pass straight through: nothing is counted twice
+//!   and the engine's own allocations are never counted. The mem and object domains, always
+//!   called with the GIL, keep it in a global that only the GIL holder touches; the raw domain
+//!   and NumPy's allocator, also called without the GIL, in a thread-local.
 //! - The engine lock is never held while calling into Python, which may allocate.
 //! - A block is forgotten before the original `free` runs, so another thread that receives the
 //!   same address cannot have its record removed.
@@ -82,7 +84,9 @@ mod python {
     use std::cell::{Cell, UnsafeCell};
     use std::ffi::{c_char, c_int, c_void, CStr};
     use std::ops::{Deref, DerefMut};
-    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+    use std::sync::atomic::{
+        AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::*,
+    };
 
     use pyo3::ffi;
     use pyo3::prelude::*;
@@ -249,6 +253,78 @@ mod python {
         ENGINE.lock()
     }
 
+    // The mem and object domains are called with the GIL held, so one thread at a time runs
+    // their hooks: their state is global, read and written only by the GIL holder, which costs
+    // less than a thread-local (a `__tls_get_addr` call from a shared library). The raw domain
+    // and NumPy's allocator are also called without the GIL and keep a thread-local.
+
+    /// Set while the GIL holder is inside a hook or the engine's own work: nested allocations
+    /// pass through. pymalloc hands requests over 512 bytes to the raw domain, whose hook sees
+    /// this flag and that it holds the GIL, and leaves the block to the outer hook.
+    static GIL_BUSY: AtomicBool = AtomicBool::new(false);
+    /// The thread state whose scope mask is cached, the generation it was computed at, and
+    /// the mask. A thread state's memory is freed through the raw domain, whose hook clears
+    /// the cache if it was that thread's: a new thread given the same address recomputes.
+    /// (A thread started by `threading` never meets a stale entry, since its parent allocates
+    /// after making its thread state; a C thread entering Python through PyGILState_Ensure
+    /// makes its own and could.)
+    static GIL_THREAD: AtomicUsize = AtomicUsize::new(0);
+    static GIL_GENERATION: AtomicU64 = AtomicU64::new(u64::MAX);
+    static GIL_MASK: AtomicU32 = AtomicU32::new(0);
+
+    /// Which scopes follow the calling thread, as a hook knows it.
+    trait Caller {
+        fn cached_mask(&self) -> Option<ScopeMask>;
+        /// Recomputes which scopes follow this thread (after a scope opened or closed).
+        fn refresh_membership(&self, engine: &Engine) -> ScopeMask;
+    }
+
+    /// A hook of the mem or object domain, on the thread that holds the GIL.
+    struct GilHolder;
+
+    impl GilHolder {
+        fn thread_state() -> usize {
+            // SAFETY: reads the current thread state; the GIL holder has one.
+            unsafe { ffi::compat::PyThreadState_GetUnchecked() as usize }
+        }
+    }
+
+    impl Caller for GilHolder {
+        fn cached_mask(&self) -> Option<ScopeMask> {
+            let tstate = Self::thread_state();
+            let current = tstate != 0
+                && GIL_THREAD.load(Relaxed) == tstate
+                && GIL_GENERATION.load(Relaxed) == GENERATION.load(Acquire);
+            current.then(|| GIL_MASK.load(Relaxed))
+        }
+
+        fn refresh_membership(&self, engine: &Engine) -> ScopeMask {
+            let generation = GENERATION.load(Acquire);
+            let mask = engine.tracker.membership(current_thread_id());
+            GIL_MASK.store(mask, Relaxed);
+            GIL_GENERATION.store(generation, Relaxed);
+            GIL_THREAD.store(Self::thread_state(), Relaxed);
+            mask
+        }
+    }
+
+    /// Runs `traced` as the GIL holder's hook, or `untraced` when it is already in one.
+    fn under_gil<R>(traced: impl FnOnce(&GilHolder) -> R, untraced: impl FnOnce() -> R) -> R {
+        if GIL_BUSY.load(Relaxed) {
+            return untraced();
+        }
+        GIL_BUSY.store(true, Relaxed);
+        let result = traced(&GilHolder);
+        GIL_BUSY.store(false, Relaxed);
+        result
+    }
+
+    /// Whether a raw-domain (or NumPy) hook runs inside a hook of the GIL holder, on its thread.
+    fn nested_under_gil() -> bool {
+        // SAFETY: PyGILState_Check only reads thread-local state.
+        GIL_BUSY.load(Relaxed) && unsafe { ffi::PyGILState_Check() } != 0
+    }
+
     /// Per-thread state of the hooks, reached once per hook call.
     struct ThreadState {
         /// Set while this thread is inside a hook or the engine: nested allocations pass through.
@@ -264,12 +340,11 @@ mod python {
         };
     }
 
-    impl ThreadState {
+    impl Caller for ThreadState {
         fn cached_mask(&self) -> Option<ScopeMask> {
             (self.generation.get() == GENERATION.load(Acquire)).then(|| self.mask.get())
         }
 
-        /// Recomputes which scopes follow this thread (after a scope opened or closed).
         fn refresh_membership(&self, engine: &Engine) -> ScopeMask {
             let generation = GENERATION.load(Acquire);
             let mask = engine.tracker.membership(current_thread_id());
@@ -282,6 +357,9 @@ mod python {
     /// Runs `traced` with this thread's state marked busy, or `untraced` when the thread is
     /// already busy (a nested call) or is being torn down.
     fn on_thread<R>(traced: impl FnOnce(&ThreadState) -> R, untraced: impl FnOnce() -> R) -> R {
+        if nested_under_gil() {
+            return untraced();
+        }
         let mut traced = Some(traced);
         let result = THREAD.try_with(|thread| {
             if thread.busy.replace(true) {
@@ -298,9 +376,11 @@ mod python {
     }
 
     /// Runs `f` with this thread's allocations untraced: for the engine's own work.
-    pub fn untraced<R>(f: impl FnOnce() -> R) -> R {
+    pub fn untraced<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
         let was_busy = THREAD.try_with(|thread| thread.busy.replace(true));
+        let was_gil_busy = GIL_BUSY.swap(true, Relaxed);
         let result = f();
+        GIL_BUSY.store(was_gil_busy, Relaxed);
         if let Ok(false) = was_busy {
             let _ = THREAD.try_with(|thread| thread.busy.set(false));
         }
@@ -312,9 +392,17 @@ mod python {
     /// # Safety
     /// The caller holds the GIL unless `check_gil` is set.
     unsafe fn current_site(check_gil: bool) -> Option<(*mut ffi::PyObject, c_int)> {
-        // SAFETY: PyGILState_Check only reads thread-local state.
-        if check_gil && unsafe { ffi::PyGILState_Check() } == 0 {
-            return None;
+        if check_gil {
+            // SAFETY: PyGILState_Check only reads thread-local state.
+            if unsafe { ffi::PyGILState_Check() } == 0 {
+                return None;
+            }
+            // The public API may allocate a frame object: that is the engine's, not counted.
+            let was_busy = GIL_BUSY.swap(true, Relaxed);
+            // SAFETY: the GIL is held.
+            let site = unsafe { current_site(false) };
+            GIL_BUSY.store(was_busy, Relaxed);
+            return site;
         }
         #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
         if let Some(code_offset) = frames::validated() {
@@ -470,7 +558,7 @@ mod python {
         }
     }
 
-    fn record_alloc(thread: &ThreadState, address: *mut c_void, size: usize, check_gil: bool) {
+    fn record_alloc(thread: &impl Caller, address: *mut c_void, size: usize, check_gil: bool) {
         let cached = thread.cached_mask();
         if cached == Some(0) {
             return;
@@ -495,64 +583,87 @@ mod python {
         lock().as_mut()?.tracker.on_free(address as usize)
     }
 
+    /// `holds_gil`: the hook is the mem or object domain's, always called with the GIL.
     fn traced_alloc(
         size: usize,
-        check_gil: bool,
+        holds_gil: bool,
         allocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
         if !ACTIVE.load(Relaxed) {
             return allocate();
         }
-        on_thread(
-            |thread| {
-                let address = allocate();
-                if !address.is_null() {
-                    record_alloc(thread, address, size, check_gil);
-                }
-                address
-            },
-            &allocate,
-        )
+        let traced = |caller: &dyn Fn(*mut c_void)| {
+            let address = allocate();
+            if !address.is_null() {
+                caller(address);
+            }
+            address
+        };
+        if holds_gil {
+            under_gil(
+                |holder| traced(&|address| record_alloc(holder, address, size, false)),
+                &allocate,
+            )
+        } else {
+            on_thread(
+                |thread| traced(&|address| record_alloc(thread, address, size, true)),
+                &allocate,
+            )
+        }
     }
 
     fn traced_realloc(
         old: *mut c_void,
         new_size: usize,
-        check_gil: bool,
+        holds_gil: bool,
         reallocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
         if !ACTIVE.load(Relaxed) {
             return reallocate();
         }
-        on_thread(
-            |thread| {
-                let old_block = if old.is_null() { None } else { forget(old) };
-                let address = reallocate();
-                if !address.is_null() {
-                    record_alloc(thread, address, new_size, check_gil);
-                } else if let (Some(block), true) = (old_block, new_size > 0) {
-                    // The realloc failed and the old block is still there.
-                    if let Some(engine) = lock().as_mut() {
-                        engine.tracker.restore(old as usize, block);
-                    }
+        let traced = |caller: &dyn Fn(*mut c_void)| {
+            let old_block = if old.is_null() { None } else { forget(old) };
+            let address = reallocate();
+            if !address.is_null() {
+                caller(address);
+            } else if let (Some(block), true) = (old_block, new_size > 0) {
+                // The realloc failed and the old block is still there.
+                if let Some(engine) = lock().as_mut() {
+                    engine.tracker.restore(old as usize, block);
                 }
-                address
-            },
-            &reallocate,
-        )
+            }
+            address
+        };
+        if holds_gil {
+            under_gil(
+                |holder| traced(&|address| record_alloc(holder, address, new_size, false)),
+                &reallocate,
+            )
+        } else {
+            on_thread(
+                |thread| traced(&|address| record_alloc(thread, address, new_size, true)),
+                &reallocate,
+            )
+        }
     }
 
-    fn traced_free(address: *mut c_void, release: impl Fn()) {
+    fn traced_free(address: *mut c_void, holds_gil: bool, release: impl Fn()) {
+        if !holds_gil && address as usize == GIL_THREAD.load(Relaxed) {
+            // A thread state is freed here (a thread ended): a new thread may get its address.
+            let _ = GIL_THREAD.compare_exchange(address as usize, 0, Relaxed, Relaxed);
+        }
         if !ACTIVE.load(Relaxed) || address.is_null() {
             return release();
         }
-        on_thread(
-            |_| {
-                forget(address);
-                release();
-            },
-            &release,
-        )
+        let traced = || {
+            forget(address);
+            release();
+        };
+        if holds_gil {
+            under_gil(|_| traced(), &release)
+        } else {
+            on_thread(|_| traced(), &release)
+        }
     }
 
     // ----- CPython's three allocator domains -----
@@ -628,7 +739,7 @@ mod python {
     extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
         let original = ORIGINALS[D].load();
         let malloc = original.malloc.expect("allocator without malloc");
-        traced_alloc(size, D == RAW, || malloc(original.ctx, size))
+        traced_alloc(size, D != RAW, || malloc(original.ctx, size))
     }
 
     extern "C" fn hook_calloc<const D: usize>(
@@ -638,7 +749,7 @@ mod python {
     ) -> *mut c_void {
         let original = ORIGINALS[D].load();
         let calloc = original.calloc.expect("allocator without calloc");
-        traced_alloc(count.saturating_mul(size), D == RAW, || {
+        traced_alloc(count.saturating_mul(size), D != RAW, || {
             calloc(original.ctx, count, size)
         })
     }
@@ -650,7 +761,7 @@ mod python {
     ) -> *mut c_void {
         let original = ORIGINALS[D].load();
         let realloc = original.realloc.expect("allocator without realloc");
-        traced_realloc(old, new_size, D == RAW, || {
+        traced_realloc(old, new_size, D != RAW, || {
             realloc(original.ctx, old, new_size)
         })
     }
@@ -658,7 +769,7 @@ mod python {
     extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, address: *mut c_void) {
         let original = ORIGINALS[D].load();
         let free = original.free.expect("allocator without free");
-        traced_free(address, || free(original.ctx, address))
+        traced_free(address, D != RAW, || free(original.ctx, address))
     }
 
     fn hooks<const D: usize>(ctx: *mut c_void) -> ffi::PyMemAllocatorEx {
@@ -756,12 +867,12 @@ mod python {
 
     extern "C" fn numpy_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
         let malloc: MallocFn = numpy_original(0);
-        traced_alloc(size, true, || malloc(ctx, size))
+        traced_alloc(size, false, || malloc(ctx, size))
     }
 
     extern "C" fn numpy_calloc(ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
         let calloc: CallocFn = numpy_original(1);
-        traced_alloc(count.saturating_mul(size), true, || {
+        traced_alloc(count.saturating_mul(size), false, || {
             calloc(ctx, count, size)
         })
     }
@@ -772,12 +883,12 @@ mod python {
         new_size: usize,
     ) -> *mut c_void {
         let realloc: ReallocFn = numpy_original(2);
-        traced_realloc(old, new_size, true, || realloc(ctx, old, new_size))
+        traced_realloc(old, new_size, false, || realloc(ctx, old, new_size))
     }
 
     extern "C" fn numpy_free(ctx: *mut c_void, address: *mut c_void, size: usize) {
         let free: extern "C" fn(*mut c_void, *mut c_void, usize) = numpy_original(3);
-        traced_free(address, || free(ctx, address, size))
+        traced_free(address, false, || free(ctx, address, size))
     }
 
     /// The default data handler of an imported NumPy ≥ 1.22, or None.
@@ -872,7 +983,7 @@ mod python {
 
     /// Starts tracing if it is not running (installs the hooks) and runs `f` on the engine.
     pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -> R {
-        let result = untraced(|| {
+        let result = untraced(py, || {
             let mut guard = lock();
             let engine = guard.get_or_insert_with(Engine::default);
             let result = f(engine);
@@ -889,7 +1000,7 @@ mod python {
         } else {
             #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
             // SAFETY: the token says the GIL is held.
-            untraced(|| unsafe { frames::validate() });
+            untraced(py, || unsafe { frames::validate() });
             install_pymem_hooks(py);
             patch_numpy(py);
         }
@@ -1005,7 +1116,7 @@ mod python {
     }
 
     /// Drops the site table once no scope is open (after the last scope located its sites).
-    pub(crate) fn release_sites_if_idle(_py: Python<'_>) {
+    pub(crate) fn release_sites_if_idle(py: Python<'_>) {
         let sites = {
             let mut guard = lock();
             match guard.as_mut() {
@@ -1014,7 +1125,7 @@ mod python {
             }
         };
         // Outside the lock: dropping a code object frees memory, which calls the hooks.
-        untraced(|| {
+        untraced(py, || {
             for (code, _) in sites.sites {
                 // SAFETY: the GIL is held and the table owned this reference.
                 unsafe { ffi::Py_DECREF(code.0) };
@@ -1038,7 +1149,7 @@ mod python {
     /// Resolves site ids to `file:line` and function names.
     pub(crate) fn locate_sites(py: Python<'_>, ids: &[SiteId]) -> Vec<SiteLocation> {
         // Copy the references out under the lock, then call Python without it.
-        let sites: Vec<Option<(*mut ffi::PyObject, c_int)>> = untraced(|| {
+        let sites: Vec<Option<(*mut ffi::PyObject, c_int)>> = untraced(py, || {
             let guard = lock();
             let table = guard.as_ref().map(|engine| &engine.sites.sites);
             ids.iter()
@@ -1050,7 +1161,9 @@ mod python {
                 })
                 .collect()
         });
-        untraced(|| sites.into_iter().map(|site| locate(py, site)).collect())
+        untraced(py, || {
+            sites.into_iter().map(|site| locate(py, site)).collect()
+        })
     }
 
     fn locate(py: Python<'_>, site: Option<(*mut ffi::PyObject, c_int)>) -> SiteLocation {

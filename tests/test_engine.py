@@ -204,6 +204,33 @@ def test_threads_started_inside_count_and_threads_from_before_do_not():
     assert within(m.leaked_bytes, 50 * MiB, 0.01), m
 
 
+def test_a_thread_that_reuses_a_finished_threads_state_counts():
+    """A thread from before the scope allocates and ends inside it; threads started after it
+    (which may be given its thread state's address) are followed like any thread started
+    inside the scope."""
+    go = threading.Event()
+
+    def from_before():
+        go.wait()
+        return [str(i) for i in range(10_000)]  # not counted
+
+    def started_inside(out):
+        out.append([str(i) for i in range(100_000)])
+
+    before = threading.Thread(target=from_before)
+    before.start()
+    kept = []
+    with memgauge.measure() as m:
+        go.set()
+        before.join()
+        for _ in range(3):
+            thread = threading.Thread(target=started_inside, args=(kept,))
+            thread.start()
+            thread.join()
+    # Each list: 100,000 strs of ~50 bytes and an 800 kB array; three of them stay alive.
+    assert m.leaked_bytes > 3 * 5_000_000, m
+
+
 def test_repeated_scopes_are_deterministic():
     def workload():
         rows = [{"id": i, "name": f"row-{i}", "tags": ("a", "b")} for i in range(50_000)]
