@@ -335,19 +335,17 @@ impl Blocks {
     /// the figures do not fit a word, or the word is taken (a free no hook saw).
     #[inline]
     pub fn insert_new(&mut self, address: usize, block: &Block) -> bool {
-        if (block.size as u64) >> SIZE_BITS != 0 || block.site >> SITE_BITS != 0 {
+        let packed = self.pack(block);
+        if packed >> CLASS_SHIFT == IN_TABLE {
             return false;
         }
-        let Some(class) = self.class(block.mask, block.epoch) else {
-            return false;
-        };
         let Some(word) = self.word_mut(address) else {
             return false;
         };
         if *word != 0 {
             return false;
         }
-        *word = block.size as u64 | u64::from(block.site) << SIZE_BITS | class << CLASS_SHIFT;
+        *word = packed;
         self.len += 1;
         true
     }

@@ -272,51 +272,9 @@ mod python {
     static GIL_GENERATION: AtomicU64 = AtomicU64::new(u64::MAX);
     static GIL_MASK: AtomicU32 = AtomicU32::new(0);
 
-    /// Which scopes follow the calling thread, as a hook knows it.
-    trait Caller {
-        fn cached_mask(&self) -> Option<ScopeMask>;
-        /// Recomputes which scopes follow this thread (after a scope opened or closed).
-        fn refresh_membership(&self, engine: &Engine) -> ScopeMask;
-    }
-
-    /// A hook of the mem or object domain, on the thread that holds the GIL.
-    struct GilHolder;
-
-    impl GilHolder {
-        fn thread_state() -> usize {
-            // SAFETY: reads the current thread state; the GIL holder has one.
-            unsafe { ffi::compat::PyThreadState_GetUnchecked() as usize }
-        }
-    }
-
-    impl Caller for GilHolder {
-        fn cached_mask(&self) -> Option<ScopeMask> {
-            let tstate = Self::thread_state();
-            let current = tstate != 0
-                && GIL_THREAD.load(Relaxed) == tstate
-                && GIL_GENERATION.load(Relaxed) == GENERATION.load(Acquire);
-            current.then(|| GIL_MASK.load(Relaxed))
-        }
-
-        fn refresh_membership(&self, engine: &Engine) -> ScopeMask {
-            let generation = GENERATION.load(Acquire);
-            let mask = engine.tracker.membership(current_thread_id());
-            GIL_MASK.store(mask, Relaxed);
-            GIL_GENERATION.store(generation, Relaxed);
-            GIL_THREAD.store(Self::thread_state(), Relaxed);
-            mask
-        }
-    }
-
-    /// Runs `traced` as the GIL holder's hook, or `untraced` when it is already in one.
-    fn under_gil<R>(traced: impl FnOnce(&GilHolder) -> R, untraced: impl FnOnce() -> R) -> R {
-        if GIL_BUSY.load(Relaxed) {
-            return untraced();
-        }
-        GIL_BUSY.store(true, Relaxed);
-        let result = traced(&GilHolder);
-        GIL_BUSY.store(false, Relaxed);
-        result
+    fn gil_thread_state() -> usize {
+        // SAFETY: reads the current thread state; the GIL holder has one.
+        unsafe { ffi::compat::PyThreadState_GetUnchecked() as usize }
     }
 
     /// Whether a raw-domain (or NumPy) hook runs inside a hook of the GIL holder, on its thread.
@@ -340,23 +298,66 @@ mod python {
         };
     }
 
-    impl Caller for ThreadState {
-        fn cached_mask(&self) -> Option<ScopeMask> {
-            (self.generation.get() == GENERATION.load(Acquire)).then(|| self.mask.get())
+    /// Who runs a hook, and so where its busy flag and its scope mask are kept.
+    #[derive(Clone, Copy)]
+    enum Caller<'a> {
+        /// A hook of the mem or object domain: the thread that holds the GIL.
+        GilHolder,
+        /// A hook of the raw domain or NumPy's allocator, maybe without the GIL.
+        Thread(&'a ThreadState),
+    }
+
+    impl Caller<'_> {
+        fn cached_mask(self) -> Option<ScopeMask> {
+            match self {
+                Caller::GilHolder => {
+                    let tstate = gil_thread_state();
+                    let current = tstate != 0
+                        && GIL_THREAD.load(Relaxed) == tstate
+                        && GIL_GENERATION.load(Relaxed) == GENERATION.load(Acquire);
+                    current.then(|| GIL_MASK.load(Relaxed))
+                }
+                Caller::Thread(thread) => {
+                    (thread.generation.get() == GENERATION.load(Acquire)).then(|| thread.mask.get())
+                }
+            }
         }
 
-        fn refresh_membership(&self, engine: &Engine) -> ScopeMask {
+        /// Recomputes which scopes follow this thread (after a scope opened or closed).
+        fn refresh_membership(self, engine: &Engine) -> ScopeMask {
             let generation = GENERATION.load(Acquire);
             let mask = engine.tracker.membership(current_thread_id());
-            self.generation.set(generation);
-            self.mask.set(mask);
+            match self {
+                Caller::GilHolder => {
+                    GIL_MASK.store(mask, Relaxed);
+                    GIL_GENERATION.store(generation, Relaxed);
+                    GIL_THREAD.store(gil_thread_state(), Relaxed);
+                }
+                Caller::Thread(thread) => {
+                    thread.generation.set(generation);
+                    thread.mask.set(mask);
+                }
+            }
             mask
         }
     }
 
-    /// Runs `traced` with this thread's state marked busy, or `untraced` when the thread is
-    /// already busy (a nested call) or is being torn down.
-    fn on_thread<R>(traced: impl FnOnce(&ThreadState) -> R, untraced: impl FnOnce() -> R) -> R {
+    /// Runs `traced` with the caller's busy flag set, or `untraced` for a nested call (or a
+    /// thread being torn down). `holds_gil`: the hook is the mem or object domain's.
+    fn enter<R>(
+        holds_gil: bool,
+        traced: impl FnOnce(Caller<'_>) -> R,
+        untraced: impl FnOnce() -> R,
+    ) -> R {
+        if holds_gil {
+            if GIL_BUSY.load(Relaxed) {
+                return untraced();
+            }
+            GIL_BUSY.store(true, Relaxed);
+            let result = traced(Caller::GilHolder);
+            GIL_BUSY.store(false, Relaxed);
+            return result;
+        }
         if nested_under_gil() {
             return untraced();
         }
@@ -365,7 +366,7 @@ mod python {
             if thread.busy.replace(true) {
                 return None;
             }
-            let result = (traced.take()?)(thread);
+            let result = (traced.take()?)(Caller::Thread(thread));
             thread.busy.set(false);
             Some(result)
         });
@@ -488,11 +489,11 @@ mod python {
             unsafe { base.add(offset).cast::<T>().read() }
         }
 
-        /// The innermost frame with Python code, as (frame, code, instruction pointer).
+        /// The code object and instruction pointer of the innermost frame with Python code.
         ///
         /// # Safety
         /// The GIL is held and the layouts are right for this interpreter.
-        unsafe fn walk() -> Option<(*const u8, *mut ffi::PyObject, usize)> {
+        unsafe fn walk() -> Option<(*mut ffi::PyObject, usize)> {
             // SAFETY: the GIL is held, so there is a thread state; the reads follow the
             // layouts of this version, and each pointer is checked before it is followed.
             unsafe {
@@ -512,7 +513,7 @@ mod python {
                     if read::<u8>(frame, owner_at) != OWNED_BY_CSTACK {
                         let code: *mut ffi::PyObject = read(frame, code_at);
                         if !code.is_null() && ffi::PyCode_Check(code) != 0 {
-                            return Some((frame, code, read(frame, instr_at)));
+                            return Some((code, read(frame, instr_at)));
                         }
                     }
                     frame = read(frame, previous_at);
@@ -525,7 +526,7 @@ mod python {
         /// The GIL is held and [`validated`] returned `code_offset`.
         pub(super) unsafe fn innermost(code_offset: isize) -> Option<(*mut ffi::PyObject, c_int)> {
             // SAFETY: as the caller promises.
-            let (_, code, instr) = unsafe { walk() }?;
+            let (code, instr) = unsafe { walk() }?;
             let lasti = instr as isize - code as isize - code_offset;
             Some((code, c_int::try_from(lasti).unwrap_or(-1)))
         }
@@ -547,7 +548,7 @@ mod python {
             // SAFETY: the GIL is held; a wrong layout is what this call finds out.
             let direct = unsafe { walk() };
             let offset = match direct {
-                Some((_, direct_code, instr)) if direct_code == code => {
+                Some((direct_code, instr)) if direct_code == code => {
                     instr as isize - code as isize - lasti as isize
                 }
                 _ => -1,
@@ -558,15 +559,15 @@ mod python {
         }
     }
 
-    fn record_alloc(thread: &impl Caller, address: *mut c_void, size: usize, check_gil: bool) {
-        let cached = thread.cached_mask();
+    fn record_alloc(caller: Caller<'_>, address: *mut c_void, size: usize) {
+        let cached = caller.cached_mask();
         if cached == Some(0) {
             return;
         }
         let site = if SITES_WANTED.load(Relaxed) {
             // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
-            // domain and NumPy's allocator pass `check_gil`.
-            unsafe { current_site(check_gil) }
+            // domain and NumPy's allocator check it.
+            unsafe { current_site(matches!(caller, Caller::Thread(_))) }
         } else {
             None
         };
@@ -574,7 +575,7 @@ mod python {
         let Some(engine) = guard.as_mut() else {
             return;
         };
-        let mask = cached.unwrap_or_else(|| thread.refresh_membership(engine));
+        let mask = cached.unwrap_or_else(|| caller.refresh_membership(engine));
         let site = engine.sites.intern(site);
         engine.tracker.on_alloc(address as usize, size, site, mask);
     }
@@ -592,24 +593,17 @@ mod python {
         if !ACTIVE.load(Relaxed) {
             return allocate();
         }
-        let traced = |caller: &dyn Fn(*mut c_void)| {
-            let address = allocate();
-            if !address.is_null() {
-                caller(address);
-            }
-            address
-        };
-        if holds_gil {
-            under_gil(
-                |holder| traced(&|address| record_alloc(holder, address, size, false)),
-                &allocate,
-            )
-        } else {
-            on_thread(
-                |thread| traced(&|address| record_alloc(thread, address, size, true)),
-                &allocate,
-            )
-        }
+        enter(
+            holds_gil,
+            |caller| {
+                let address = allocate();
+                if !address.is_null() {
+                    record_alloc(caller, address, size);
+                }
+                address
+            },
+            &allocate,
+        )
     }
 
     fn traced_realloc(
@@ -621,30 +615,23 @@ mod python {
         if !ACTIVE.load(Relaxed) {
             return reallocate();
         }
-        let traced = |caller: &dyn Fn(*mut c_void)| {
-            let old_block = if old.is_null() { None } else { forget(old) };
-            let address = reallocate();
-            if !address.is_null() {
-                caller(address);
-            } else if let (Some(block), true) = (old_block, new_size > 0) {
-                // The realloc failed and the old block is still there.
-                if let Some(engine) = lock().as_mut() {
-                    engine.tracker.restore(old as usize, block);
+        enter(
+            holds_gil,
+            |caller| {
+                let old_block = if old.is_null() { None } else { forget(old) };
+                let address = reallocate();
+                if !address.is_null() {
+                    record_alloc(caller, address, new_size);
+                } else if let (Some(block), true) = (old_block, new_size > 0) {
+                    // The realloc failed and the old block is still there.
+                    if let Some(engine) = lock().as_mut() {
+                        engine.tracker.restore(old as usize, block);
+                    }
                 }
-            }
-            address
-        };
-        if holds_gil {
-            under_gil(
-                |holder| traced(&|address| record_alloc(holder, address, new_size, false)),
-                &reallocate,
-            )
-        } else {
-            on_thread(
-                |thread| traced(&|address| record_alloc(thread, address, new_size, true)),
-                &reallocate,
-            )
-        }
+                address
+            },
+            &reallocate,
+        )
     }
 
     fn traced_free(address: *mut c_void, holds_gil: bool, release: impl Fn()) {
@@ -655,15 +642,14 @@ mod python {
         if !ACTIVE.load(Relaxed) || address.is_null() {
             return release();
         }
-        let traced = || {
-            forget(address);
-            release();
-        };
-        if holds_gil {
-            under_gil(|_| traced(), &release)
-        } else {
-            on_thread(|_| traced(), &release)
-        }
+        enter(
+            holds_gil,
+            |_| {
+                forget(address);
+                release();
+            },
+            &release,
+        )
     }
 
     // ----- CPython's three allocator domains -----

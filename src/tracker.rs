@@ -337,10 +337,8 @@ impl Tracker {
         });
     }
 
-    #[inline]
     fn each_counting_scope(&mut self, block: &Block, mut apply: impl FnMut(&mut ScopeState)) {
-        let mask = block.mask & self.open_mask;
-        for slot in slots(mask) {
+        for slot in slots(block.mask & self.open_mask) {
             if let Some(scope) = self.scopes[slot].as_mut() {
                 if scope.epoch <= block.epoch {
                     apply(scope);
