@@ -15,7 +15,7 @@
 //! (8 bytes per 16); a hash entry per small block costs about as much. When the last scope
 //! closes, the blocks are forgotten and a few leaves stay, cleaned, for the next scope.
 
-use crate::tracker::{Block, ScopeMask, SiteId};
+use crate::tracker::{slots, Block, ScopeMask, SiteId, MAX_SCOPES, NATIVE_SITE};
 
 #[derive(Clone, Copy)]
 struct Slot {
@@ -213,6 +213,14 @@ pub struct Blocks {
     table: BlockTable,
     /// The (scope mask, epoch) pairs blocks carry, interned: word class `i + 1` is `classes[i]`.
     classes: Vec<(ScopeMask, u32)>,
+    /// `counting[i]`: the open scopes that count a block of class `i + 1`. Kept as scopes
+    /// close, so a free finds them with one load instead of checking each scope's epoch.
+    counting: Vec<ScopeMask>,
+    /// The class interned last, as (mask, epoch, class): nearly every allocation's.
+    last_class: (ScopeMask, u32, u64),
+    /// The open scopes and the epoch each was opened at.
+    open: ScopeMask,
+    epochs: [u32; MAX_SCOPES],
     len: usize,
     /// Clean leaves, for whichever region needs one next.
     spare: Vec<Leaf>,
@@ -273,11 +281,50 @@ impl Blocks {
         self.regions.truncate(KEEP_REGIONS);
         self.table.reset();
         self.classes.clear();
+        self.counting.clear();
+        self.last_class = (0, 0, 0);
         self.len = 0;
     }
 
+    /// A scope opened in `slot` at `epoch`: it counts blocks allocated from now on.
+    pub fn scope_opened(&mut self, slot: usize, epoch: u32) {
+        self.open |= 1 << slot;
+        self.epochs[slot] = epoch;
+    }
+
+    /// The scope in `slot` closed: no block counts in it any more.
+    pub fn scope_closed(&mut self, slot: usize) {
+        let bit = 1 << slot;
+        self.open &= !bit;
+        for counting in &mut self.counting {
+            *counting &= !bit;
+        }
+    }
+
+    /// The open scopes that count `block`: those among its mask opened no later than it.
+    pub fn counting(&self, block: &Block) -> ScopeMask {
+        slots(block.mask & self.open)
+            .filter(|&slot| self.epochs[slot] <= block.epoch)
+            .fold(0, |mask, slot| mask | 1 << slot)
+    }
+
+    /// The word of `address`, when its leaf exists and is in the region searched last (the
+    /// hooks' case, small enough to inline), or else made.
+    #[inline]
     fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
         let (key, index, word) = word_index(address)?;
+        let hot = matches!(self.regions.first(),
+            Some(region) if region.key == key && region.leaves[index].is_some());
+        if !hot {
+            return self.cold_word(key, index, word);
+        }
+        let leaf = self.regions[0].leaves[index].as_mut()?;
+        leaf.dirty |= 1 << (word >> CHUNK_BITS);
+        Some(&mut leaf.words[word])
+    }
+
+    #[cold]
+    fn cold_word(&mut self, key: u64, index: usize, word: usize) -> Option<&mut u64> {
         let Blocks {
             regions,
             spare,
@@ -293,8 +340,17 @@ impl Blocks {
         Some(&mut leaf.words[word])
     }
 
+    #[inline]
     fn class(&mut self, mask: ScopeMask, epoch: u32) -> Option<u64> {
-        // The newest class is nearly always the one wanted.
+        let (last_mask, last_epoch, class) = self.last_class;
+        if (last_mask, last_epoch) == (mask, epoch) && class != 0 {
+            return Some(class);
+        }
+        self.find_class(mask, epoch)
+    }
+
+    #[cold]
+    fn find_class(&mut self, mask: ScopeMask, epoch: u32) -> Option<u64> {
         let found = self
             .classes
             .iter()
@@ -302,14 +358,23 @@ impl Blocks {
         let index = match found {
             Some(index) => index,
             None if self.classes.len() < MAX_CLASSES => {
+                let counting = self.counting(&Block {
+                    mask,
+                    epoch,
+                    ..Block::EMPTY
+                });
                 self.classes.push((mask, epoch));
+                self.counting.push(counting);
                 self.classes.len() - 1
             }
             None => return None,
         };
-        Some(index as u64 + 1)
+        let class = index as u64 + 1;
+        self.last_class = (mask, epoch, class);
+        Some(class)
     }
 
+    #[inline]
     fn pack(&mut self, block: &Block) -> u64 {
         let fits = (block.size as u64) >> SIZE_BITS == 0 && block.site >> SITE_BITS == 0;
         match self.class(block.mask, block.epoch) {
@@ -378,6 +443,48 @@ impl Blocks {
             0 => None,
             IN_TABLE => self.table.remove(address),
             _ => Some(self.unpack(word)),
+        }
+    }
+
+    /// Removes a block, for a free: its size, its site and the open scopes that count it;
+    /// `(0, 0, 0)` when there is no such block.
+    #[inline]
+    pub fn remove_counted(&mut self, address: usize) -> (u64, SiteId, ScopeMask) {
+        let word = match word_index(address) {
+            Some((key, leaf, word)) => {
+                let region = if matches!(self.regions.first(), Some(region) if region.key == key) {
+                    self.regions.first_mut()
+                } else {
+                    region_in(&mut self.regions, key, false)
+                };
+                region
+                    .and_then(|region| region.leaves[leaf].as_mut())
+                    .map_or(0, |leaf| std::mem::take(&mut leaf.words[word]))
+            }
+            None => IN_TABLE << CLASS_SHIFT,
+        };
+        match word >> CLASS_SHIFT {
+            0 => (0, NATIVE_SITE, 0),
+            IN_TABLE => self.remove_from_table(address),
+            class => {
+                self.len -= 1;
+                (
+                    word & ((1 << SIZE_BITS) - 1),
+                    ((word >> SIZE_BITS) & ((1 << SITE_BITS) - 1)) as SiteId,
+                    self.counting[class as usize - 1],
+                )
+            }
+        }
+    }
+
+    #[cold]
+    fn remove_from_table(&mut self, address: usize) -> (u64, SiteId, ScopeMask) {
+        match self.table.remove(address) {
+            Some(block) => {
+                self.len -= 1;
+                (block.size as u64, block.site, self.counting(&block))
+            }
+            None => (0, NATIVE_SITE, 0),
         }
     }
 

@@ -107,7 +107,7 @@ mod python {
 
     /// Entries in the direct-mapped cache in front of the site index: a program allocates from
     /// few sites at a time, and the cache answers most lookups with one compare.
-    const SITE_CACHE: usize = 1024;
+    const SITE_CACHE: usize = 256;
 
     struct SiteTable {
         index: FastMap<(usize, c_int), SiteId>,
@@ -308,10 +308,18 @@ mod python {
     }
 
     impl Caller<'_> {
-        fn cached_mask(self) -> Option<ScopeMask> {
+        /// The thread state of a [`Caller::GilHolder`] (read once per hook); 0 for the others.
+        fn thread_state(self) -> usize {
+            match self {
+                Caller::GilHolder => gil_thread_state(),
+                Caller::Thread(_) => 0,
+            }
+        }
+
+        /// `tstate`: [`Caller::thread_state`].
+        fn cached_mask(self, tstate: usize) -> Option<ScopeMask> {
             match self {
                 Caller::GilHolder => {
-                    let tstate = gil_thread_state();
                     let current = tstate != 0
                         && GIL_THREAD.load(Relaxed) == tstate
                         && GIL_GENERATION.load(Relaxed) == GENERATION.load(Acquire);
@@ -324,14 +332,14 @@ mod python {
         }
 
         /// Recomputes which scopes follow this thread (after a scope opened or closed).
-        fn refresh_membership(self, engine: &Engine) -> ScopeMask {
+        fn refresh_membership(self, engine: &Engine, tstate: usize) -> ScopeMask {
             let generation = GENERATION.load(Acquire);
             let mask = engine.tracker.membership(current_thread_id());
             match self {
                 Caller::GilHolder => {
                     GIL_MASK.store(mask, Relaxed);
                     GIL_GENERATION.store(generation, Relaxed);
-                    GIL_THREAD.store(gil_thread_state(), Relaxed);
+                    GIL_THREAD.store(tstate, Relaxed);
                 }
                 Caller::Thread(thread) => {
                     thread.generation.set(generation);
@@ -391,9 +399,10 @@ mod python {
     /// The code object (borrowed) and instruction of the innermost Python frame of this thread.
     ///
     /// # Safety
-    /// The caller holds the GIL unless `check_gil` is set.
-    unsafe fn current_site(check_gil: bool) -> Option<(*mut ffi::PyObject, c_int)> {
-        if check_gil {
+    /// `tstate` is the current thread state, read with the GIL held; or 0, and then this
+    /// checks whether the thread holds the GIL.
+    unsafe fn current_site(tstate: usize) -> Option<(*mut ffi::PyObject, c_int)> {
+        if tstate == 0 {
             // SAFETY: PyGILState_Check only reads thread-local state.
             if unsafe { ffi::PyGILState_Check() } == 0 {
                 return None;
@@ -401,14 +410,14 @@ mod python {
             // The public API may allocate a frame object: that is the engine's, not counted.
             let was_busy = GIL_BUSY.swap(true, Relaxed);
             // SAFETY: the GIL is held.
-            let site = unsafe { current_site(false) };
+            let site = unsafe { current_site(gil_thread_state()) };
             GIL_BUSY.store(was_busy, Relaxed);
             return site;
         }
         #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
         if let Some(code_offset) = frames::validated() {
             // SAFETY: the GIL is held and the layout was checked against the public API.
-            return unsafe { frames::innermost(code_offset) };
+            return unsafe { frames::innermost(tstate as *const u8, code_offset) };
         }
         // SAFETY: the GIL is held.
         unsafe { public_site() }
@@ -493,11 +502,10 @@ mod python {
         ///
         /// # Safety
         /// The GIL is held and the layouts are right for this interpreter.
-        unsafe fn walk() -> Option<(*mut ffi::PyObject, usize)> {
-            // SAFETY: the GIL is held, so there is a thread state; the reads follow the
+        unsafe fn walk(tstate: *const u8) -> Option<(*mut ffi::PyObject, usize)> {
+            // SAFETY: `tstate` is the thread state of the GIL holder; the reads follow the
             // layouts of this version, and each pointer is checked before it is followed.
             unsafe {
-                let tstate = ffi::compat::PyThreadState_GetUnchecked().cast::<u8>();
                 if tstate.is_null() {
                     return None;
                 }
@@ -523,10 +531,14 @@ mod python {
         }
 
         /// # Safety
-        /// The GIL is held and [`validated`] returned `code_offset`.
-        pub(super) unsafe fn innermost(code_offset: isize) -> Option<(*mut ffi::PyObject, c_int)> {
+        /// `tstate` is the current thread state, which holds the GIL, and [`validated`]
+        /// returned `code_offset`.
+        pub(super) unsafe fn innermost(
+            tstate: *const u8,
+            code_offset: isize,
+        ) -> Option<(*mut ffi::PyObject, c_int)> {
             // SAFETY: as the caller promises.
-            let (code, instr) = unsafe { walk() }?;
+            let (code, instr) = unsafe { walk(tstate) }?;
             let lasti = instr as isize - code as isize - code_offset;
             Some((code, c_int::try_from(lasti).unwrap_or(-1)))
         }
@@ -546,7 +558,7 @@ mod python {
                 return; // No Python frame to check against: try again next time.
             };
             // SAFETY: the GIL is held; a wrong layout is what this call finds out.
-            let direct = unsafe { walk() };
+            let direct = unsafe { walk(ffi::compat::PyThreadState_GetUnchecked().cast()) };
             let offset = match direct {
                 Some((direct_code, instr)) if direct_code == code => {
                     instr as isize - code as isize - lasti as isize
@@ -560,14 +572,15 @@ mod python {
     }
 
     fn record_alloc(caller: Caller<'_>, address: *mut c_void, size: usize) {
-        let cached = caller.cached_mask();
+        let tstate = caller.thread_state();
+        let cached = caller.cached_mask(tstate);
         if cached == Some(0) {
             return;
         }
         let site = if SITES_WANTED.load(Relaxed) {
             // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
             // domain and NumPy's allocator check it.
-            unsafe { current_site(matches!(caller, Caller::Thread(_))) }
+            unsafe { current_site(tstate) }
         } else {
             None
         };
@@ -575,13 +588,15 @@ mod python {
         let Some(engine) = guard.as_mut() else {
             return;
         };
-        let mask = cached.unwrap_or_else(|| caller.refresh_membership(engine));
+        let mask = cached.unwrap_or_else(|| caller.refresh_membership(engine, tstate));
         let site = engine.sites.intern(site);
         engine.tracker.on_alloc(address as usize, size, site, mask);
     }
 
-    fn forget(address: *mut c_void) -> Option<crate::tracker::Block> {
-        lock().as_mut()?.tracker.on_free(address as usize)
+    fn forget(address: *mut c_void) {
+        if let Some(engine) = lock().as_mut() {
+            engine.tracker.on_free(address as usize);
+        }
     }
 
     /// `holds_gil`: the hook is the mem or object domain's, always called with the GIL.
@@ -618,7 +633,13 @@ mod python {
         enter(
             holds_gil,
             |caller| {
-                let old_block = if old.is_null() { None } else { forget(old) };
+                let old_block = if old.is_null() {
+                    None
+                } else {
+                    lock()
+                        .as_mut()
+                        .and_then(|engine| engine.tracker.take_block(old as usize))
+                };
                 let address = reallocate();
                 if !address.is_null() {
                     record_alloc(caller, address, new_size);

@@ -72,7 +72,6 @@ impl SiteCounter {
 
 #[derive(Debug, Default)]
 struct ScopeState {
-    epoch: u32,
     /// The OS id of the thread that opened the scope, and the threads that were running then
     /// (sorted): those do not count, threads started later do.
     opener_thread: u64,
@@ -92,6 +91,13 @@ impl ScopeState {
             self.sites.resize(index + 1, SiteCounter::default());
         }
         self.sites[index].touch(self.peak_version)
+    }
+
+    #[inline]
+    fn count_free(&mut self, bytes: u64, site: SiteId) {
+        self.live = self.live.saturating_sub(bytes);
+        let site = self.site(site);
+        site.live = site.live.saturating_sub(bytes);
     }
 
     #[inline]
@@ -179,7 +185,7 @@ pub struct Tracker {
 }
 
 /// The slots whose bits are set in `mask`, lowest first.
-fn slots(mut mask: ScopeMask) -> impl Iterator<Item = usize> {
+pub(crate) fn slots(mut mask: ScopeMask) -> impl Iterator<Item = usize> {
     std::iter::from_fn(move || {
         let slot = mask.trailing_zeros() as usize;
         mask &= mask.wrapping_sub(1);
@@ -208,8 +214,8 @@ impl Tracker {
         }
         threads_before.sort_unstable();
         self.epochs_opened += 1;
+        self.blocks.scope_opened(slot, self.epochs_opened);
         self.scopes[slot] = Some(ScopeState {
-            epoch: self.epochs_opened,
             opener_thread,
             threads_before,
             ..ScopeState::default()
@@ -226,6 +232,7 @@ impl Tracker {
             .and_then(Option::take)
             .ok_or(TrackerError::NotOpen(slot))?;
         self.open_mask &= !(1 << slot);
+        self.blocks.scope_closed(slot);
         if self.open_mask == 0 {
             self.blocks.clear();
         }
@@ -275,6 +282,7 @@ impl Tracker {
     }
 
     /// Records a new block allocated by a thread that the scopes in `mask` follow.
+    #[inline]
     pub fn on_alloc(&mut self, address: usize, size: usize, site: SiteId, mask: ScopeMask) {
         let mask = mask & self.open_mask;
         if mask == 0 {
@@ -304,21 +312,31 @@ impl Tracker {
         }
     }
 
-    /// Forgets a freed block; returns it when the tracker knew it.
-    pub fn on_free(&mut self, address: usize) -> Option<Block> {
+    /// Forgets a freed block.
+    #[inline]
+    pub fn on_free(&mut self, address: usize) {
+        let (bytes, site, counting) = self.blocks.remove_counted(address);
+        self.discharge_in(counting, bytes, site);
+    }
+
+    /// Forgets a block that a realloc is about to free; returns it when the tracker knew it,
+    /// for [`Tracker::restore`] should the realloc fail.
+    pub fn take_block(&mut self, address: usize) -> Option<Block> {
         let block = self.blocks.remove(address)?;
         self.discharge(&block);
         Some(block)
     }
 
-    /// Puts back a block taken by [`Tracker::on_free`] whose realloc failed.
+    /// Puts back a block taken by [`Tracker::take_block`] whose realloc failed.
     pub fn restore(&mut self, address: usize, block: Block) {
         self.insert_block(address, block);
         let bytes = block.size as u64;
-        self.each_counting_scope(&block, |scope| {
-            scope.live += bytes;
-            scope.site(block.site).live += bytes;
-        });
+        for slot in slots(self.blocks.counting(&block)) {
+            if let Some(scope) = self.scopes[slot].as_mut() {
+                scope.live += bytes;
+                scope.site(block.site).live += bytes;
+            }
+        }
     }
 
     fn insert_block(&mut self, address: usize, block: Block) {
@@ -329,20 +347,25 @@ impl Tracker {
     }
 
     fn discharge(&mut self, block: &Block) {
-        let bytes = block.size as u64;
-        self.each_counting_scope(block, |scope| {
-            scope.live = scope.live.saturating_sub(bytes);
-            let site = scope.site(block.site);
-            site.live = site.live.saturating_sub(bytes);
-        });
+        let counting = self.blocks.counting(block);
+        self.discharge_in(counting, block.size as u64, block.site);
     }
 
-    fn each_counting_scope(&mut self, block: &Block, mut apply: impl FnMut(&mut ScopeState)) {
-        for slot in slots(block.mask & self.open_mask) {
-            if let Some(scope) = self.scopes[slot].as_mut() {
-                if scope.epoch <= block.epoch {
-                    apply(scope);
+    /// Takes a freed block's bytes off the scopes in `counting`.
+    #[inline]
+    fn discharge_in(&mut self, counting: ScopeMask, bytes: u64, site: SiteId) {
+        if counting & counting.wrapping_sub(1) == 0 {
+            // At most one scope counts the block (the common case): no loop.
+            if counting != 0 {
+                if let Some(scope) = self.scopes[counting.trailing_zeros() as usize].as_mut() {
+                    scope.count_free(bytes, site);
                 }
+            }
+            return;
+        }
+        for slot in slots(counting) {
+            if let Some(scope) = self.scopes[slot].as_mut() {
+                scope.count_free(bytes, site);
             }
         }
     }
@@ -420,9 +443,11 @@ mod tests {
     fn unknown_frees_change_nothing() {
         let mut tracker = Tracker::default();
         let slot = open(&mut tracker);
-        assert_eq!(tracker.on_free(0xdead), None);
+        assert_eq!(tracker.take_block(0xdead), None);
+        tracker.on_free(0xdead);
         tracker.on_alloc(0x1000, 64, 1, all(&tracker));
-        assert_eq!(tracker.on_free(0xbeef), None);
+        assert_eq!(tracker.take_block(0xbeef), None);
+        tracker.on_free(0xbeef);
         let figures = tracker.close_scope(slot).unwrap();
         assert_eq!((figures.peak_bytes, figures.leaked_bytes), (64, 64));
     }
@@ -462,6 +487,29 @@ mod tests {
     }
 
     #[test]
+    fn blocks_too_big_for_a_word_count_in_the_scopes_that_saw_them() {
+        let mut tracker = Tracker::default();
+        let outer = open(&mut tracker);
+        let huge = 1 << 40;
+        tracker.on_alloc(0x1000, huge, 1, all(&tracker));
+        let inner = open(&mut tracker);
+        tracker.on_alloc(0x2000, huge, 2, all(&tracker));
+        tracker.on_free(0x1000);
+        let inner_figures = tracker.close_scope(inner).unwrap();
+        assert_eq!(
+            (inner_figures.peak_bytes, inner_figures.leaked_bytes),
+            (huge as u64, huge as u64)
+        );
+        // After the inner scope closed, its block still counts in the outer one only.
+        tracker.on_free(0x2000);
+        let outer_figures = tracker.close_scope(outer).unwrap();
+        assert_eq!(
+            (outer_figures.peak_bytes, outer_figures.leaked_bytes),
+            (2 * huge as u64, 0)
+        );
+    }
+
+    #[test]
     fn threads_running_before_the_scope_do_not_count() {
         let mut tracker = Tracker::default();
         let slot = tracker.open_scope(ME, vec![ME, 2]).unwrap();
@@ -477,7 +525,7 @@ mod tests {
         let mut tracker = Tracker::default();
         let slot = open(&mut tracker);
         tracker.on_alloc(0x1000, 40, 1, all(&tracker));
-        let block = tracker.on_free(0x1000).unwrap();
+        let block = tracker.take_block(0x1000).unwrap();
         tracker.restore(0x1000, block);
         tracker.on_free(0x1000);
         let figures = tracker.close_scope(slot).unwrap();
