@@ -112,7 +112,7 @@ mod python {
     struct SiteTable {
         index: FastMap<(usize, c_int), SiteId>,
         /// Entries whose id is [`NATIVE_SITE`] are empty.
-        cache: Box<[(usize, c_int, SiteId); SITE_CACHE]>,
+        cache: [(usize, c_int, SiteId); SITE_CACHE],
         /// `sites[i - 1]` is site `i`; site 0 is "no Python frame".
         sites: Vec<(CodeRef, c_int)>,
     }
@@ -121,7 +121,7 @@ mod python {
         fn default() -> Self {
             SiteTable {
                 index: FastMap::default(),
-                cache: Box::new([(0, 0, NATIVE_SITE); SITE_CACHE]),
+                cache: [(0, 0, NATIVE_SITE); SITE_CACHE],
                 sites: Vec::new(),
             }
         }

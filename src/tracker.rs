@@ -352,7 +352,7 @@ impl Tracker {
     }
 
     /// Takes a freed block's bytes off the scopes in `counting`.
-    #[inline]
+    #[inline(always)]
     fn discharge_in(&mut self, counting: ScopeMask, bytes: u64, site: SiteId) {
         if counting & counting.wrapping_sub(1) == 0 {
             // At most one scope counts the block (the common case): no loop.
