@@ -553,6 +553,49 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Scopes opened and closed in any order (slots reused) each see exactly the blocks
+        /// allocated while they were open: peak and leak match a model of every scope.
+        #[test]
+        fn overlapping_scopes_match_a_model(ops in proptest::collection::vec((0u8..4, 0usize..24, 1u64..5000), 1..300)) {
+            #[derive(Default)]
+            struct Model { blocks: std::collections::HashMap<usize, u64>, live: u64, peak: u64 }
+            let mut tracker = Tracker::default();
+            let mut scopes: Vec<(usize, Model)> = Vec::new();
+            let mut everywhere = std::collections::HashMap::new();
+            for (op, unit, size) in ops {
+                let address = 0x10_0000 + unit * 16 + (unit % 3) * (1 << 20);
+                match op {
+                    0 if scopes.len() < 4 => scopes.push((open(&mut tracker), Model::default())),
+                    1 if !scopes.is_empty() => {
+                        let (slot, model) = scopes.remove(unit % scopes.len());
+                        let figures = tracker.close_scope(slot).unwrap();
+                        proptest::prop_assert_eq!((figures.peak_bytes, figures.leaked_bytes), (model.peak, model.live));
+                    }
+                    2 => {
+                        if everywhere.insert(address, size).is_some() {
+                            continue; // a live address is not handed out twice
+                        }
+                        tracker.on_alloc(address, size as usize, 1, all(&tracker));
+                        for (_, model) in &mut scopes {
+                            model.blocks.insert(address, size);
+                            model.live += size;
+                            model.peak = model.peak.max(model.live);
+                        }
+                    }
+                    _ => {
+                        everywhere.remove(&address);
+                        tracker.on_free(address);
+                        for (_, model) in &mut scopes {
+                            if let Some(size) = model.blocks.remove(&address) {
+                                model.live -= size;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+
         /// Whatever the order of allocations and frees, the sites at the peak add up to the peak,
         /// and the peak and the leak match a direct replay.
         #[test]
