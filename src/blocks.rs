@@ -240,8 +240,18 @@ fn word_index(address: usize) -> Option<(u64, usize, usize)> {
     Some((granule >> (LEAF_BITS + REGION_BITS), leaf, word))
 }
 
-/// The region `key` of `regions`, moved to the front; made when `create` is set.
+/// The region `key` of `regions`, moved to the front; made when `create` is set. The front one
+/// is nearly always the one wanted, and that check inlines into the hooks.
+#[inline]
 fn region_in(regions: &mut Vec<Region>, key: u64, create: bool) -> Option<&mut Region> {
+    if regions.first().is_some_and(|region| region.key == key) {
+        return regions.first_mut();
+    }
+    find_region(regions, key, create)
+}
+
+#[cold]
+fn find_region(regions: &mut Vec<Region>, key: u64, create: bool) -> Option<&mut Region> {
     match regions.iter().position(|region| region.key == key) {
         Some(0) => {}
         Some(index) => regions.swap(0, index),
@@ -256,6 +266,19 @@ fn region_in(regions: &mut Vec<Region>, key: u64, create: bool) -> Option<&mut R
         None => return None,
     }
     regions.first_mut()
+}
+
+/// Puts a leaf (a spare one if any) in the empty place `empty`, leaf `index` of region `key`.
+#[cold]
+fn new_leaf<'a>(
+    empty: &'a mut Option<Leaf>,
+    in_use: &mut Vec<(u64, usize)>,
+    spare: &mut Vec<Leaf>,
+    key: u64,
+    index: usize,
+) -> &'a mut Leaf {
+    in_use.push((key, index));
+    empty.insert(spare.pop().unwrap_or_else(Leaf::new))
 }
 
 impl Blocks {
@@ -308,23 +331,10 @@ impl Blocks {
             .fold(0, |mask, slot| mask | 1 << slot)
     }
 
-    /// The word of `address`, when its leaf exists and is in the region searched last (the
-    /// hooks' case, small enough to inline), or else made.
+    /// The word of `address`, its leaf made if need be.
     #[inline]
     fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
         let (key, index, word) = word_index(address)?;
-        let hot = matches!(self.regions.first(),
-            Some(region) if region.key == key && region.leaves[index].is_some());
-        if !hot {
-            return self.cold_word(key, index, word);
-        }
-        let leaf = self.regions[0].leaves[index].as_mut()?;
-        leaf.dirty |= 1 << (word >> CHUNK_BITS);
-        Some(&mut leaf.words[word])
-    }
-
-    #[cold]
-    fn cold_word(&mut self, key: u64, index: usize, word: usize) -> Option<&mut u64> {
         let Blocks {
             regions,
             spare,
@@ -332,10 +342,10 @@ impl Blocks {
             ..
         } = self;
         let region = region_in(regions, key, true)?;
-        let leaf = region.leaves[index].get_or_insert_with(|| {
-            in_use.push((key, index));
-            spare.pop().unwrap_or_else(Leaf::new)
-        });
+        let leaf = match &mut region.leaves[index] {
+            Some(leaf) => leaf,
+            empty => new_leaf(empty, in_use, spare, key, index),
+        };
         leaf.dirty |= 1 << (word >> CHUNK_BITS);
         Some(&mut leaf.words[word])
     }
@@ -446,23 +456,23 @@ impl Blocks {
         }
     }
 
+    /// Takes the word of `address` out of the shadow map: 0 when there is none, a word of
+    /// class [`IN_TABLE`] when the address has no word (so the table is asked).
+    #[inline]
+    fn take_word(&mut self, address: usize) -> u64 {
+        match word_index(address) {
+            Some((key, leaf, word)) => region_in(&mut self.regions, key, false)
+                .and_then(|region| region.leaves[leaf].as_mut())
+                .map_or(0, |leaf| std::mem::take(&mut leaf.words[word])),
+            None => IN_TABLE << CLASS_SHIFT,
+        }
+    }
+
     /// Removes a block, for a free: its size, its site and the open scopes that count it;
     /// `(0, 0, 0)` when there is no such block.
     #[inline]
     pub fn remove_counted(&mut self, address: usize) -> (u64, SiteId, ScopeMask) {
-        let word = match word_index(address) {
-            Some((key, leaf, word)) => {
-                let region = if matches!(self.regions.first(), Some(region) if region.key == key) {
-                    self.regions.first_mut()
-                } else {
-                    region_in(&mut self.regions, key, false)
-                };
-                region
-                    .and_then(|region| region.leaves[leaf].as_mut())
-                    .map_or(0, |leaf| std::mem::take(&mut leaf.words[word]))
-            }
-            None => IN_TABLE << CLASS_SHIFT,
-        };
+        let word = self.take_word(address);
         match word >> CLASS_SHIFT {
             0 => (0, NATIVE_SITE, 0),
             IN_TABLE => self.remove_from_table(address),
@@ -489,15 +499,8 @@ impl Blocks {
     }
 
     pub fn remove(&mut self, address: usize) -> Option<Block> {
-        let old = match word_index(address) {
-            Some((key, leaf, word)) => {
-                let word = region_in(&mut self.regions, key, false)
-                    .and_then(|region| region.leaves[leaf].as_mut())
-                    .map_or(0, |leaf| std::mem::take(&mut leaf.words[word]));
-                self.take(address, word)
-            }
-            None => self.table.remove(address),
-        };
+        let word = self.take_word(address);
+        let old = self.take(address, word);
         if old.is_some() {
             self.len -= 1;
         }

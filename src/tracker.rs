@@ -297,19 +297,7 @@ impl Tracker {
         if !self.blocks.insert_new(address, &block) {
             self.insert_block(address, block);
         }
-        let bytes = size as u64;
-        if mask & (mask - 1) == 0 {
-            // One scope follows the thread (the common case): no loop.
-            if let Some(scope) = self.scopes[mask.trailing_zeros() as usize].as_mut() {
-                scope.count_alloc(bytes, site);
-            }
-            return;
-        }
-        for slot in slots(mask) {
-            if let Some(scope) = self.scopes[slot].as_mut() {
-                scope.count_alloc(bytes, site);
-            }
-        }
+        self.each_scope(mask, |scope| scope.count_alloc(size as u64, site));
     }
 
     /// Forgets a freed block.
@@ -331,12 +319,10 @@ impl Tracker {
     pub fn restore(&mut self, address: usize, block: Block) {
         self.insert_block(address, block);
         let bytes = block.size as u64;
-        for slot in slots(self.blocks.counting(&block)) {
-            if let Some(scope) = self.scopes[slot].as_mut() {
-                scope.live += bytes;
-                scope.site(block.site).live += bytes;
-            }
-        }
+        self.each_scope(self.blocks.counting(&block), |scope| {
+            scope.live += bytes;
+            scope.site(block.site).live += bytes;
+        });
     }
 
     fn insert_block(&mut self, address: usize, block: Block) {
@@ -354,18 +340,24 @@ impl Tracker {
     /// Takes a freed block's bytes off the scopes in `counting`.
     #[inline(always)]
     fn discharge_in(&mut self, counting: ScopeMask, bytes: u64, site: SiteId) {
-        if counting & counting.wrapping_sub(1) == 0 {
-            // At most one scope counts the block (the common case): no loop.
-            if counting != 0 {
-                if let Some(scope) = self.scopes[counting.trailing_zeros() as usize].as_mut() {
-                    scope.count_free(bytes, site);
+        self.each_scope(counting, |scope| scope.count_free(bytes, site));
+    }
+
+    /// Applies `apply` to each open scope in `mask`.
+    #[inline(always)]
+    fn each_scope(&mut self, mask: ScopeMask, mut apply: impl FnMut(&mut ScopeState)) {
+        if mask & mask.wrapping_sub(1) == 0 {
+            // At most one scope (the common case): no loop.
+            if mask != 0 {
+                if let Some(scope) = self.scopes[mask.trailing_zeros() as usize].as_mut() {
+                    apply(scope);
                 }
             }
             return;
         }
-        for slot in slots(counting) {
+        for slot in slots(mask) {
             if let Some(scope) = self.scopes[slot].as_mut() {
-                scope.count_free(bytes, site);
+                apply(scope);
             }
         }
     }
