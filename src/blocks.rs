@@ -164,8 +164,8 @@ const CLASS_SHIFT: u32 = SIZE_BITS + SITE_BITS;
 const IN_TABLE: u64 = 0xFF;
 const MAX_CLASSES: usize = IN_TABLE as usize - 1;
 
-/// Words per dirty bit of a leaf: 4 KiB of words, a page.
-const CHUNK_BITS: u32 = 9;
+/// Words per dirty bit of a leaf: 8 KiB of words, two pages (64 bits cover a leaf).
+const CHUNK_BITS: u32 = 10;
 /// Leaves kept, cleaned, when the last scope closes, for the next scope to reuse wherever it
 /// needs a leaf: it starts without page faults or 512 KiB `calloc`s, which cost more than a small
 /// test's whole measurement. (A pytest call phase touches about 20; a kept leaf holds only the
@@ -175,15 +175,19 @@ const KEEP_LEAVES: usize = 64;
 const KEEP_REGIONS: usize = 8;
 
 struct Leaf {
-    words: Box<[u64]>,
+    /// A fixed-size array, so that indexing by a masked word number needs no bounds check.
+    words: Box<[u64; 1 << LEAF_BITS]>,
     /// Which chunks of `words` may hold a non-zero word.
-    dirty: u128,
+    dirty: u64,
 }
 
 impl Leaf {
     fn new() -> Self {
         Leaf {
-            words: vec![0u64; 1 << LEAF_BITS].into(),
+            words: vec![0u64; 1 << LEAF_BITS]
+                .into_boxed_slice()
+                .try_into()
+                .expect("a leaf's length"),
             dirty: 0,
         }
     }
@@ -201,7 +205,7 @@ impl Leaf {
 
 struct Region {
     key: u64,
-    leaves: Box<[Option<Leaf>]>,
+    leaves: Box<[Option<Leaf>; 1 << REGION_BITS]>,
 }
 
 /// Where the blocks are: the shadow map, and the table for what does not fit it.
@@ -258,7 +262,11 @@ fn find_region(regions: &mut Vec<Region>, key: u64, create: bool) -> Option<&mut
         None if create => {
             regions.push(Region {
                 key,
-                leaves: (0..1 << REGION_BITS).map(|_| None).collect(),
+                leaves: (0..1 << REGION_BITS)
+                    .map(|_| None)
+                    .collect::<Box<[_]>>()
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("a region's length")),
             });
             let last = regions.len() - 1;
             regions.swap(0, last);

@@ -262,14 +262,13 @@ mod python {
     /// pass through. pymalloc hands requests over 512 bytes to the raw domain, whose hook sees
     /// this flag and that it holds the GIL, and leaves the block to the outer hook.
     static GIL_BUSY: AtomicBool = AtomicBool::new(false);
-    /// The thread state whose scope mask is cached, the generation it was computed at, and
-    /// the mask. A thread state's memory is freed through the raw domain, whose hook clears
+    /// The thread state whose scope mask is cached, and the mask; a scope opening or closing
+    /// clears it. A thread state's memory is freed through the raw domain, whose hook clears
     /// the cache if it was that thread's: a new thread given the same address recomputes.
     /// (A thread started by `threading` never meets a stale entry, since its parent allocates
     /// after making its thread state; a C thread entering Python through PyGILState_Ensure
     /// makes its own and could.)
     static GIL_THREAD: AtomicUsize = AtomicUsize::new(0);
-    static GIL_GENERATION: AtomicU64 = AtomicU64::new(u64::MAX);
     static GIL_MASK: AtomicU32 = AtomicU32::new(0);
 
     fn gil_thread_state() -> usize {
@@ -319,12 +318,8 @@ mod python {
         /// `tstate`: [`Caller::thread_state`].
         fn cached_mask(self, tstate: usize) -> Option<ScopeMask> {
             match self {
-                Caller::GilHolder => {
-                    let current = tstate != 0
-                        && GIL_THREAD.load(Relaxed) == tstate
-                        && GIL_GENERATION.load(Relaxed) == GENERATION.load(Acquire);
-                    current.then(|| GIL_MASK.load(Relaxed))
-                }
+                Caller::GilHolder => (tstate != 0 && GIL_THREAD.load(Relaxed) == tstate)
+                    .then(|| GIL_MASK.load(Relaxed)),
                 Caller::Thread(thread) => {
                     (thread.generation.get() == GENERATION.load(Acquire)).then(|| thread.mask.get())
                 }
@@ -332,13 +327,13 @@ mod python {
         }
 
         /// Recomputes which scopes follow this thread (after a scope opened or closed).
+        #[cold]
         fn refresh_membership(self, engine: &Engine, tstate: usize) -> ScopeMask {
             let generation = GENERATION.load(Acquire);
             let mask = engine.tracker.membership(current_thread_id());
             match self {
                 Caller::GilHolder => {
                     GIL_MASK.store(mask, Relaxed);
-                    GIL_GENERATION.store(generation, Relaxed);
                     GIL_THREAD.store(tstate, Relaxed);
                 }
                 Caller::Thread(thread) => {
@@ -401,7 +396,27 @@ mod python {
     /// # Safety
     /// `tstate` is the current thread state, read with the GIL held; or 0, and then this
     /// checks whether the thread holds the GIL.
+    #[inline(always)]
     unsafe fn current_site(tstate: usize) -> Option<(*mut ffi::PyObject, c_int)> {
+        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        if tstate != 0 {
+            if let Some(code_offset) = frames::validated() {
+                // SAFETY: the GIL is held and the layout was checked against the public API.
+                return unsafe { frames::innermost(tstate as *const u8, code_offset) };
+            }
+        }
+        // SAFETY: as the caller promises.
+        unsafe { site_slowly(tstate) }
+    }
+
+    /// [`current_site`] without the GIL holder's thread state at hand, or through the public
+    /// API.
+    ///
+    /// # Safety
+    /// As [`current_site`].
+    #[cold]
+    #[inline(never)]
+    unsafe fn site_slowly(tstate: usize) -> Option<(*mut ffi::PyObject, c_int)> {
         if tstate == 0 {
             // SAFETY: PyGILState_Check only reads thread-local state.
             if unsafe { ffi::PyGILState_Check() } == 0 {
@@ -413,11 +428,6 @@ mod python {
             let site = unsafe { current_site(gil_thread_state()) };
             GIL_BUSY.store(was_busy, Relaxed);
             return site;
-        }
-        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
-        if let Some(code_offset) = frames::validated() {
-            // SAFETY: the GIL is held and the layout was checked against the public API.
-            return unsafe { frames::innermost(tstate as *const u8, code_offset) };
         }
         // SAFETY: the GIL is held.
         unsafe { public_site() }
@@ -502,6 +512,7 @@ mod python {
         ///
         /// # Safety
         /// The GIL is held and the layouts are right for this interpreter.
+        #[inline(always)]
         unsafe fn walk(tstate: *const u8) -> Option<(*mut ffi::PyObject, usize)> {
             // SAFETY: `tstate` is the thread state of the GIL holder; the reads follow the
             // layouts of this version, and each pointer is checked before it is followed.
@@ -533,6 +544,7 @@ mod python {
         /// # Safety
         /// `tstate` is the current thread state, which holds the GIL, and [`validated`]
         /// returned `code_offset`.
+        #[inline(always)]
         pub(super) unsafe fn innermost(
             tstate: *const u8,
             code_offset: isize,
@@ -742,11 +754,31 @@ mod python {
         }
     }
 
-    // CPython always fills all four functions of an allocator, so the `expect`s cannot fire.
+    impl Original {
+        /// One function of the wrapped allocator, and its context: a hook loads only what it
+        /// calls.
+        ///
+        /// # Safety
+        /// `F` is the fn pointer type of the field `function` is.
+        #[inline(always)]
+        unsafe fn get<F: Copy>(&self, function: &AtomicUsize) -> (*mut c_void, F) {
+            let address = function.load(Relaxed);
+            // CPython always fills all four functions of an allocator, and they were stored
+            // before any hook that reads them was installed, so this cannot fire.
+            assert!(address != 0, "allocator function missing");
+            // SAFETY: `address` was stored from a non-null fn pointer of type `F` (the
+            // caller's promise); fn pointers and usize have the same size.
+            (self.ctx.load(Relaxed), unsafe {
+                std::mem::transmute_copy::<usize, F>(&address)
+            })
+        }
+    }
+
     extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
-        let original = ORIGINALS[D].load();
-        let malloc = original.malloc.expect("allocator without malloc");
-        traced_alloc(size, D != RAW, || malloc(original.ctx, size))
+        let original = &ORIGINALS[D];
+        // SAFETY: the malloc field holds a MallocFn.
+        let (ctx, malloc) = unsafe { original.get::<MallocFn>(&original.malloc) };
+        traced_alloc(size, D != RAW, || malloc(ctx, size))
     }
 
     extern "C" fn hook_calloc<const D: usize>(
@@ -754,10 +786,11 @@ mod python {
         count: usize,
         size: usize,
     ) -> *mut c_void {
-        let original = ORIGINALS[D].load();
-        let calloc = original.calloc.expect("allocator without calloc");
+        let original = &ORIGINALS[D];
+        // SAFETY: the calloc field holds a CallocFn.
+        let (ctx, calloc) = unsafe { original.get::<CallocFn>(&original.calloc) };
         traced_alloc(count.saturating_mul(size), D != RAW, || {
-            calloc(original.ctx, count, size)
+            calloc(ctx, count, size)
         })
     }
 
@@ -766,17 +799,17 @@ mod python {
         old: *mut c_void,
         new_size: usize,
     ) -> *mut c_void {
-        let original = ORIGINALS[D].load();
-        let realloc = original.realloc.expect("allocator without realloc");
-        traced_realloc(old, new_size, D != RAW, || {
-            realloc(original.ctx, old, new_size)
-        })
+        let original = &ORIGINALS[D];
+        // SAFETY: the realloc field holds a ReallocFn.
+        let (ctx, realloc) = unsafe { original.get::<ReallocFn>(&original.realloc) };
+        traced_realloc(old, new_size, D != RAW, || realloc(ctx, old, new_size))
     }
 
     extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, address: *mut c_void) {
-        let original = ORIGINALS[D].load();
-        let free = original.free.expect("allocator without free");
-        traced_free(address, D != RAW, || free(original.ctx, address))
+        let original = &ORIGINALS[D];
+        // SAFETY: the free field holds a FreeFn.
+        let (ctx, free) = unsafe { original.get::<FreeFn>(&original.free) };
+        traced_free(address, D != RAW, || free(ctx, address))
     }
 
     fn hooks<const D: usize>(ctx: *mut c_void) -> ffi::PyMemAllocatorEx {
@@ -997,6 +1030,8 @@ mod python {
             let idle = engine.tracker.is_idle();
             SITES_WANTED.store(engine.wants_sites(), Relaxed);
             GENERATION.fetch_add(1, AcqRel);
+            // The GIL holder's cached mask is stale (this runs with the GIL).
+            GIL_THREAD.store(0, Relaxed);
             ACTIVE.store(!idle, Release);
             (result, idle)
         });

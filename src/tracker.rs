@@ -85,12 +85,19 @@ struct ScopeState {
 }
 
 impl ScopeState {
+    #[inline(always)]
     fn site(&mut self, site: SiteId) -> &mut SiteCounter {
         let index = site as usize;
         if index >= self.sites.len() {
-            self.sites.resize(index + 1, SiteCounter::default());
+            self.grow_sites(index);
         }
-        self.sites[index].touch(self.peak_version)
+        let peak_version = self.peak_version;
+        self.sites[index].touch(peak_version)
+    }
+
+    #[cold]
+    fn grow_sites(&mut self, index: usize) {
+        self.sites.resize(index + 1, SiteCounter::default());
     }
 
     #[inline]
@@ -179,9 +186,24 @@ pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FoldHasher>>;
 #[derive(Default)]
 pub struct Tracker {
     blocks: Blocks,
-    scopes: [Option<ScopeState>; MAX_SCOPES],
+    /// Slot `i` holds a scope while bit `i` of `open_mask` is set; a closed slot is default.
+    scopes: [ScopeState; MAX_SCOPES],
     open_mask: ScopeMask,
     epochs_opened: u32,
+}
+
+/// [`Tracker::each_scope`] for two scopes or more: out of the hooks' line, so that the one-scope
+/// path keeps few registers.
+#[cold]
+#[inline(never)]
+fn each_of_several(
+    scopes: &mut [ScopeState; MAX_SCOPES],
+    mask: ScopeMask,
+    mut apply: impl FnMut(&mut ScopeState),
+) {
+    for slot in slots(mask) {
+        apply(&mut scopes[slot]);
+    }
 }
 
 /// The slots whose bits are set in `mask`, lowest first.
@@ -215,22 +237,21 @@ impl Tracker {
         threads_before.sort_unstable();
         self.epochs_opened += 1;
         self.blocks.scope_opened(slot, self.epochs_opened);
-        self.scopes[slot] = Some(ScopeState {
+        self.scopes[slot] = ScopeState {
             opener_thread,
             threads_before,
             ..ScopeState::default()
-        });
+        };
         self.open_mask |= 1 << slot;
         Ok(slot)
     }
 
     /// Closes a scope and returns its figures. When the last scope closes, every record goes.
     pub fn close_scope(&mut self, slot: usize) -> Result<ScopeFigures, TrackerError> {
-        let scope = self
-            .scopes
-            .get_mut(slot)
-            .and_then(Option::take)
-            .ok_or(TrackerError::NotOpen(slot))?;
+        if !self.is_open(slot) {
+            return Err(TrackerError::NotOpen(slot));
+        }
+        let scope = std::mem::take(&mut self.scopes[slot]);
         self.open_mask &= !(1 << slot);
         self.blocks.scope_closed(slot);
         if self.open_mask == 0 {
@@ -262,7 +283,10 @@ impl Tracker {
     /// A scope's live bytes and its high water mark since the last call (or since it opened);
     /// the mark restarts from the live bytes, so the next call sees only what came after.
     pub fn take_peak(&mut self, slot: usize) -> Option<(u64, u64)> {
-        let scope = self.scopes.get_mut(slot)?.as_mut()?;
+        if !self.is_open(slot) {
+            return None;
+        }
+        let scope = &mut self.scopes[slot];
         let figures = (scope.live, scope.peak);
         // The mark is now: every site's value at it is its live value.
         scope.peak = scope.live;
@@ -273,11 +297,7 @@ impl Tracker {
     /// Which open scopes follow the thread `thread`.
     pub fn membership(&self, thread: u64) -> ScopeMask {
         slots(self.open_mask)
-            .filter(|&slot| {
-                self.scopes[slot]
-                    .as_ref()
-                    .is_some_and(|s| s.follows(thread))
-            })
+            .filter(|&slot| self.scopes[slot].follows(thread))
             .fold(0, |mask, slot| mask | (1 << slot))
     }
 
@@ -343,23 +363,22 @@ impl Tracker {
         self.each_scope(counting, |scope| scope.count_free(bytes, site));
     }
 
-    /// Applies `apply` to each open scope in `mask`.
+    /// Applies `apply` to each scope in `mask`, a set of open scopes.
     #[inline(always)]
     fn each_scope(&mut self, mask: ScopeMask, mut apply: impl FnMut(&mut ScopeState)) {
+        debug_assert_eq!(mask & !self.open_mask, 0, "a closed scope counts a block");
         if mask & mask.wrapping_sub(1) == 0 {
             // At most one scope (the common case): no loop.
             if mask != 0 {
-                if let Some(scope) = self.scopes[mask.trailing_zeros() as usize].as_mut() {
-                    apply(scope);
-                }
+                apply(&mut self.scopes[mask.trailing_zeros() as usize % MAX_SCOPES]);
             }
             return;
         }
-        for slot in slots(mask) {
-            if let Some(scope) = self.scopes[slot].as_mut() {
-                apply(scope);
-            }
-        }
+        each_of_several(&mut self.scopes, mask, apply);
+    }
+
+    fn is_open(&self, slot: usize) -> bool {
+        slot < MAX_SCOPES && self.open_mask & (1 << slot) != 0
     }
 }
 
