@@ -129,6 +129,7 @@ mod python {
 
     impl SiteTable {
         /// `site`'s code object is borrowed; the table takes a reference when it adds a site.
+        #[inline(always)]
         fn intern(&mut self, site: Option<(*mut ffi::PyObject, c_int)>) -> SiteId {
             let Some((code, offset)) = site else {
                 return NATIVE_SITE;
@@ -138,16 +139,19 @@ mod python {
                 .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 >> (64 - SITE_CACHE.trailing_zeros())) as usize;
             let cached = self.cache[slot];
-            let found = if (cached.0, cached.1) == key && cached.2 != NATIVE_SITE {
-                Some(cached.2)
-            } else {
-                let found = self.index.get(&key).copied();
-                if let Some(id) = found {
-                    self.cache[slot] = (key.0, key.1, id);
-                }
-                found
-            };
-            if let Some(id) = found {
+            if (cached.0, cached.1) == key && cached.2 != NATIVE_SITE {
+                return cached.2;
+            }
+            self.intern_slowly(code, offset, slot)
+        }
+
+        /// [`SiteTable::intern`] past the cache: the index, or a new site.
+        #[cold]
+        #[inline(never)]
+        fn intern_slowly(&mut self, code: *mut ffi::PyObject, offset: c_int, slot: usize) -> SiteId {
+            let key = (code as usize, offset);
+            if let Some(&id) = self.index.get(&key) {
+                self.cache[slot] = (key.0, key.1, id);
                 return id;
             }
             // SAFETY: the GIL is held (there is a frame) and the frame holds the code object.
