@@ -416,7 +416,7 @@ impl Blocks {
     /// Inserts a block into an empty word of the shadow map: an allocation's hot path. Returns
     /// false, having recorded nothing, when the block needs [`Blocks::insert`]: the address or
     /// the figures do not fit a word, or the word is taken (a free no hook saw).
-    #[inline]
+    #[inline(always)]
     pub fn insert_new(&mut self, address: usize, block: &Block) -> bool {
         let packed = self.pack(block);
         if packed >> CLASS_SHIFT == IN_TABLE {
@@ -478,7 +478,7 @@ impl Blocks {
 
     /// Removes a block, for a free: its size, its site and the open scopes that count it;
     /// `(0, 0, 0)` when there is no such block.
-    #[inline]
+    #[inline(always)]
     pub fn remove_counted(&mut self, address: usize) -> (u64, SiteId, ScopeMask) {
         let word = self.take_word(address);
         match word >> CLASS_SHIFT {

@@ -6,10 +6,12 @@
 //! - A "busy" flag is held while a hook calls the original allocator, so nested calls
 //!   (pymalloc hands requests over 512 bytes to the raw domain; a frame lookup through the
 //!   public API may allocate a frame object) pass straight through: nothing is counted twice
-//!   and the engine's own allocations are never counted. The mem and object domains, always
-//!   called with the GIL, keep it in a global that only the GIL holder touches; the raw domain
-//!   and NumPy's allocator, also called without the GIL, in a thread-local.
-//! - The engine lock is never held while calling into Python, which may allocate.
+//!   and the engine's own allocations are never counted. The thread that holds the GIL keeps
+//!   it in a global that only the GIL holder touches; the raw domain and NumPy's allocator,
+//!   also called without the GIL, keep it in a thread-local then.
+//! - The engine belongs to the GIL holder and takes no lock; threads without the GIL queue
+//!   their events for it. No borrow of the engine is alive while calling into Python, which
+//!   may allocate.
 //! - A block is forgotten before the original `free` runs, so another thread that receives the
 //!   same address cannot have its record removed.
 //! - The hooks read the original allocator from statics, not from `ctx`, and are installed with
@@ -84,9 +86,7 @@ mod python {
     use std::cell::{Cell, UnsafeCell};
     use std::ffi::{c_char, c_int, c_void, CStr};
     use std::ops::{Deref, DerefMut};
-    use std::sync::atomic::{
-        AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering::*,
-    };
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering::*};
 
     use pyo3::ffi;
     use pyo3::prelude::*;
@@ -148,7 +148,12 @@ mod python {
         /// [`SiteTable::intern`] past the cache: the index, or a new site.
         #[cold]
         #[inline(never)]
-        fn intern_slowly(&mut self, code: *mut ffi::PyObject, offset: c_int, slot: usize) -> SiteId {
+        fn intern_slowly(
+            &mut self,
+            code: *mut ffi::PyObject,
+            offset: c_int,
+            slot: usize,
+        ) -> SiteId {
             let key = (code as usize, offset);
             if let Some(&id) = self.index.get(&key) {
                 self.cache[slot] = (key.0, key.1, id);
@@ -188,8 +193,8 @@ mod python {
         }
     }
 
-    /// A spin lock: the hooks hold it for a few table operations, never across a call into
-    /// Python. Unlike a futex mutex its unlock is a plain store, which the hooks feel.
+    /// A spin lock, for the queue of events from threads without the GIL: held for a push or a
+    /// swap, never across a call into Python.
     struct SpinLock<T> {
         locked: AtomicBool,
         value: UnsafeCell<T>,
@@ -242,25 +247,143 @@ mod python {
         }
     }
 
-    static ENGINE: SpinLock<Option<Engine>> = SpinLock {
+    /// The engine belongs to whichever thread holds the GIL: the hooks of the mem and object
+    /// domains always run with it, and so does every call from Python. Threads without the GIL
+    /// (the raw domain and NumPy may be called so) never touch it: they queue their events in
+    /// [`PENDING`], which the GIL holder applies before its next use of the engine. So the
+    /// hooks' common case takes no lock.
+    ///
+    /// The queue keeps the order that matters: a thread queues a free before the memory goes
+    /// back to the allocator, whose own locking orders that before any reuse of the address, so
+    /// the GIL holder sees [`HAS_PENDING`] before it records the address again.
+    struct GilCell<T>(UnsafeCell<T>);
+
+    // SAFETY: the value is only reached through `engine`, whose callers hold the GIL.
+    unsafe impl<T: Send> Sync for GilCell<T> {}
+
+    static ENGINE: GilCell<Option<Engine>> = GilCell(UnsafeCell::new(None));
+
+    /// An event of a thread without the GIL, for the GIL holder to apply.
+    enum Pending {
+        Alloc {
+            address: usize,
+            size: usize,
+            thread: u64,
+        },
+        Free {
+            address: usize,
+        },
+    }
+
+    static PENDING: SpinLock<Vec<Pending>> = SpinLock {
         locked: AtomicBool::new(false),
-        value: UnsafeCell::new(None),
+        value: UnsafeCell::new(Vec::new()),
     };
+    static HAS_PENDING: AtomicBool = AtomicBool::new(false);
     /// True while a scope is open: the hooks do nothing else when it is false.
     static ACTIVE: AtomicBool = AtomicBool::new(false);
     /// True while an open scope reports sites.
     static SITES_WANTED: AtomicBool = AtomicBool::new(false);
-    /// Bumped when a scope opens or closes, so each thread recomputes which scopes follow it.
-    static GENERATION: AtomicU64 = AtomicU64::new(0);
 
-    fn lock() -> SpinGuard<'static, Option<Engine>> {
-        ENGINE.lock()
+    /// The engine, with the events queued by threads without the GIL applied.
+    ///
+    /// # Safety
+    /// The caller holds the GIL and no other borrow of the engine is alive: the hooks run with
+    /// [`GIL_BUSY`] set, so a hook nested in the engine's work passes through, and the other
+    /// callers run untraced or do not allocate.
+    #[inline(always)]
+    unsafe fn engine() -> &'static mut Option<Engine> {
+        // SAFETY: as the caller promises, this is the only borrow, made under the GIL.
+        let engine = unsafe { &mut *ENGINE.0.get() };
+        if HAS_PENDING.load(Relaxed) {
+            apply_pending(engine);
+        }
+        engine
     }
 
-    // The mem and object domains are called with the GIL held, so one thread at a time runs
-    // their hooks: their state is global, read and written only by the GIL holder, which costs
-    // less than a thread-local (a `__tls_get_addr` call from a shared library). The raw domain
-    // and NumPy's allocator are also called without the GIL and keep a thread-local.
+    #[cold]
+    #[inline(never)]
+    fn apply_pending(engine: &mut Option<Engine>) {
+        let events = {
+            let mut queue = PENDING.lock();
+            HAS_PENDING.store(false, Relaxed);
+            std::mem::take(&mut *queue)
+        };
+        let Some(engine) = engine.as_mut() else {
+            return;
+        };
+        for event in events {
+            match event {
+                Pending::Alloc {
+                    address,
+                    size,
+                    thread,
+                } => {
+                    let mask = engine.tracker.membership(thread);
+                    engine.tracker.on_alloc(address, size, NATIVE_SITE, mask);
+                }
+                Pending::Free { address } => engine.tracker.on_free(address),
+            }
+        }
+    }
+
+    /// Queues an event of a thread without the GIL.
+    #[cold]
+    #[inline(never)]
+    fn queue(event: Pending) {
+        let mut queue = PENDING.lock();
+        queue.push(event);
+        HAS_PENDING.store(true, Relaxed);
+    }
+
+    /// Whether this thread holds the main interpreter's GIL, which guards the engine.
+    ///
+    /// Up to 3.11 the running thread state is the GIL holder's, a global: the thread holds the
+    /// GIL when that is its own. Unlike `PyGILState_Check`, this stays right once a
+    /// subinterpreter exists (3.11 turns that check off then and answers yes); a thread of
+    /// another interpreter counts as without the GIL, and queues.
+    #[cfg(not(Py_3_12))]
+    fn holds_gil() -> bool {
+        // SAFETY: both only read the runtime's and this thread's state, without the GIL.
+        unsafe {
+            let running = ffi::compat::PyThreadState_GetUnchecked();
+            !running.is_null() && running == ffi::PyGILState_GetThisThreadState()
+        }
+    }
+
+    /// From 3.12 the running thread state is this thread's own while it holds a GIL, and an
+    /// interpreter may have a GIL of its own: the thread holds the engine's GIL when it runs
+    /// in the main interpreter.
+    #[cfg(Py_3_12)]
+    fn holds_gil() -> bool {
+        // SAFETY: reads this thread's state; `interp` is the third field of `PyThreadState`
+        // (`Include/cpython/pystate.h`, after `prev` and `next`) in every version since 3.9.
+        unsafe {
+            let running = ffi::compat::PyThreadState_GetUnchecked();
+            !running.is_null()
+                && *running.cast::<*mut ffi::PyInterpreterState>().add(2)
+                    == MAIN_INTERPRETER.load(Relaxed)
+        }
+    }
+
+    /// The main interpreter, stored when the hooks are installed (3.12+: see [`holds_gil`]).
+    #[cfg(Py_3_12)]
+    static MAIN_INTERPRETER: AtomicPtr<ffi::PyInterpreterState> =
+        AtomicPtr::new(std::ptr::null_mut());
+
+    /// Whether a hook of the mem or object domain, called with a GIL, holds the engine's: up
+    /// to 3.11 there is one GIL; from 3.12 a subinterpreter's own GIL does not count.
+    #[inline(always)]
+    fn gil_domain_holds_gil() -> bool {
+        #[cfg(not(Py_3_12))]
+        return true;
+        #[cfg(Py_3_12)]
+        return holds_gil();
+    }
+
+    // One thread at a time holds the GIL, so the hooks' state for it is global, read and
+    // written only by the GIL holder, which costs less than a thread-local (a `__tls_get_addr`
+    // call from a shared library). Hooks called without the GIL keep a thread-local.
 
     /// Set while the GIL holder is inside a hook or the engine's own work: nested allocations
     /// pass through. pymalloc hands requests over 512 bytes to the raw domain, whose hook sees
@@ -280,82 +403,55 @@ mod python {
         unsafe { ffi::compat::PyThreadState_GetUnchecked() as usize }
     }
 
-    /// Whether a raw-domain (or NumPy) hook runs inside a hook of the GIL holder, on its thread.
-    fn nested_under_gil() -> bool {
-        // SAFETY: PyGILState_Check only reads thread-local state.
-        GIL_BUSY.load(Relaxed) && unsafe { ffi::PyGILState_Check() } != 0
-    }
-
-    /// Per-thread state of the hooks, reached once per hook call.
-    struct ThreadState {
-        /// Set while this thread is inside a hook or the engine: nested allocations pass through.
-        busy: Cell<bool>,
-        /// The scopes that follow this thread, valid while `generation` is current.
-        generation: Cell<u64>,
-        mask: Cell<ScopeMask>,
-    }
-
     thread_local! {
-        static THREAD: ThreadState = const {
-            ThreadState { busy: Cell::new(false), generation: Cell::new(u64::MAX), mask: Cell::new(0) }
-        };
+        /// Set while this thread, without the GIL, is inside a hook: nested allocations pass
+        /// through.
+        static BUSY: Cell<bool> = const { Cell::new(false) };
     }
 
-    /// Who runs a hook, and so where its busy flag and its scope mask are kept.
-    #[derive(Clone, Copy)]
-    enum Caller<'a> {
-        /// A hook of the mem or object domain: the thread that holds the GIL.
+    /// Who runs a hook: the thread that holds the GIL, which records the event in the engine, or
+    /// a thread without it (a raw-domain or NumPy hook), which queues the event.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Caller {
         GilHolder,
-        /// A hook of the raw domain or NumPy's allocator, maybe without the GIL.
-        Thread(&'a ThreadState),
+        WithoutGil,
     }
 
-    impl Caller<'_> {
-        /// The thread state of a [`Caller::GilHolder`] (read once per hook); 0 for the others.
-        fn thread_state(self) -> usize {
-            match self {
-                Caller::GilHolder => gil_thread_state(),
-                Caller::Thread(_) => 0,
-            }
+    /// The GIL holder's scope mask: the cached one, or recomputed (after a scope opened or
+    /// closed, or for another thread).
+    ///
+    /// `tstate`: [`gil_thread_state`], read once per hook.
+    #[inline(always)]
+    fn gil_mask(engine: &Engine, tstate: usize) -> ScopeMask {
+        if tstate != 0 && GIL_THREAD.load(Relaxed) == tstate {
+            return GIL_MASK.load(Relaxed);
         }
+        refresh_gil_mask(engine, tstate)
+    }
 
-        /// `tstate`: [`Caller::thread_state`].
-        fn cached_mask(self, tstate: usize) -> Option<ScopeMask> {
-            match self {
-                Caller::GilHolder => (tstate != 0 && GIL_THREAD.load(Relaxed) == tstate)
-                    .then(|| GIL_MASK.load(Relaxed)),
-                Caller::Thread(thread) => {
-                    (thread.generation.get() == GENERATION.load(Acquire)).then(|| thread.mask.get())
-                }
-            }
-        }
-
-        /// Recomputes which scopes follow this thread (after a scope opened or closed).
-        #[cold]
-        fn refresh_membership(self, engine: &Engine, tstate: usize) -> ScopeMask {
-            let generation = GENERATION.load(Acquire);
-            let mask = engine.tracker.membership(current_thread_id());
-            match self {
-                Caller::GilHolder => {
-                    GIL_MASK.store(mask, Relaxed);
-                    GIL_THREAD.store(tstate, Relaxed);
-                }
-                Caller::Thread(thread) => {
-                    thread.generation.set(generation);
-                    thread.mask.set(mask);
-                }
-            }
-            mask
-        }
+    #[cold]
+    #[inline(never)]
+    fn refresh_gil_mask(engine: &Engine, tstate: usize) -> ScopeMask {
+        let mask = engine.tracker.membership(current_thread_id());
+        GIL_MASK.store(mask, Relaxed);
+        GIL_THREAD.store(tstate, Relaxed);
+        mask
     }
 
     /// Runs `traced` with the caller's busy flag set, or `untraced` for a nested call (or a
-    /// thread being torn down). `holds_gil`: the hook is the mem or object domain's.
+    /// thread being torn down). `gil_domain`: the hook is the mem or object domain's, always
+    /// called with the GIL; other hooks find out.
+    #[inline(always)]
     fn enter<R>(
-        holds_gil: bool,
-        traced: impl FnOnce(Caller<'_>) -> R,
+        gil_domain: bool,
+        traced: impl FnOnce(Caller) -> R,
         untraced: impl FnOnce() -> R,
     ) -> R {
+        let holds_gil = if gil_domain {
+            gil_domain_holds_gil()
+        } else {
+            holds_gil()
+        };
         if holds_gil {
             if GIL_BUSY.load(Relaxed) {
                 return untraced();
@@ -365,74 +461,49 @@ mod python {
             GIL_BUSY.store(false, Relaxed);
             return result;
         }
-        if nested_under_gil() {
+        let busy = BUSY.try_with(|busy| busy.replace(true));
+        if busy != Ok(false) {
             return untraced();
         }
-        let mut traced = Some(traced);
-        let result = THREAD.try_with(|thread| {
-            if thread.busy.replace(true) {
-                return None;
-            }
-            let result = (traced.take()?)(Caller::Thread(thread));
-            thread.busy.set(false);
-            Some(result)
-        });
-        match result {
-            Ok(Some(result)) => result,
-            _ => untraced(),
-        }
+        let result = traced(Caller::WithoutGil);
+        let _ = BUSY.try_with(|busy| busy.set(false));
+        result
     }
 
     /// Runs `f` with this thread's allocations untraced: for the engine's own work.
     pub fn untraced<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
-        let was_busy = THREAD.try_with(|thread| thread.busy.replace(true));
         let was_gil_busy = GIL_BUSY.swap(true, Relaxed);
         let result = f();
         GIL_BUSY.store(was_gil_busy, Relaxed);
-        if let Ok(false) = was_busy {
-            let _ = THREAD.try_with(|thread| thread.busy.set(false));
-        }
         result
     }
 
     /// The code object (borrowed) and instruction of the innermost Python frame of this thread.
     ///
     /// # Safety
-    /// `tstate` is the current thread state, read with the GIL held; or 0, and then this
-    /// checks whether the thread holds the GIL.
+    /// The caller holds the GIL, `tstate` is its thread state, and [`GIL_BUSY`] is set (the
+    /// public API may allocate a frame object: that is the engine's, not counted).
     #[inline(always)]
     unsafe fn current_site(tstate: usize) -> Option<(*mut ffi::PyObject, c_int)> {
-        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
-        if tstate != 0 {
-            if let Some(code_offset) = frames::validated() {
-                // SAFETY: the GIL is held and the layout was checked against the public API.
-                return unsafe { frames::innermost(tstate as *const u8, code_offset) };
-            }
+        if tstate == 0 {
+            return None;
         }
-        // SAFETY: as the caller promises.
-        unsafe { site_slowly(tstate) }
+        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        if let Some(code_offset) = frames::validated() {
+            // SAFETY: the GIL is held and the layout was checked against the public API.
+            return unsafe { frames::innermost(tstate as *const u8, code_offset) };
+        }
+        // SAFETY: the GIL is held.
+        unsafe { site_slowly() }
     }
 
-    /// [`current_site`] without the GIL holder's thread state at hand, or through the public
-    /// API.
+    /// [`current_site`] through the public API, out of the hooks' line.
     ///
     /// # Safety
     /// As [`current_site`].
     #[cold]
     #[inline(never)]
-    unsafe fn site_slowly(tstate: usize) -> Option<(*mut ffi::PyObject, c_int)> {
-        if tstate == 0 {
-            // SAFETY: PyGILState_Check only reads thread-local state.
-            if unsafe { ffi::PyGILState_Check() } == 0 {
-                return None;
-            }
-            // The public API may allocate a frame object: that is the engine's, not counted.
-            let was_busy = GIL_BUSY.swap(true, Relaxed);
-            // SAFETY: the GIL is held.
-            let site = unsafe { current_site(gil_thread_state()) };
-            GIL_BUSY.store(was_busy, Relaxed);
-            return site;
-        }
+    unsafe fn site_slowly() -> Option<(*mut ffi::PyObject, c_int)> {
         // SAFETY: the GIL is held.
         unsafe { public_site() }
     }
@@ -587,45 +658,57 @@ mod python {
         }
     }
 
-    fn record_alloc(caller: Caller<'_>, address: *mut c_void, size: usize) {
-        let tstate = caller.thread_state();
-        let cached = caller.cached_mask(tstate);
-        if cached == Some(0) {
-            return;
+    fn record_alloc(caller: Caller, address: *mut c_void, size: usize) {
+        if caller == Caller::WithoutGil {
+            return queue(Pending::Alloc {
+                address: address as usize,
+                size,
+                thread: current_thread_id(),
+            });
+        }
+        let tstate = gil_thread_state();
+        if tstate != 0 && GIL_THREAD.load(Relaxed) == tstate && GIL_MASK.load(Relaxed) == 0 {
+            return; // No open scope follows this thread.
         }
         let site = if SITES_WANTED.load(Relaxed) {
-            // SAFETY: the hooks of the mem and object domains run with the GIL held; the raw
-            // domain and NumPy's allocator check it.
+            // SAFETY: the caller holds the GIL and `tstate` is its thread state.
             unsafe { current_site(tstate) }
         } else {
             None
         };
-        let mut guard = lock();
-        let Some(engine) = guard.as_mut() else {
+        // SAFETY: the caller holds the GIL, and its busy flag keeps nested hooks out.
+        let Some(engine) = (unsafe { engine() }) else {
             return;
         };
-        let mask = cached.unwrap_or_else(|| caller.refresh_membership(engine, tstate));
+        let mask = gil_mask(engine, tstate);
         let site = engine.sites.intern(site);
         engine.tracker.on_alloc(address as usize, size, site, mask);
     }
 
-    fn forget(address: *mut c_void) {
-        if let Some(engine) = lock().as_mut() {
+    fn forget(caller: Caller, address: *mut c_void) {
+        if caller == Caller::WithoutGil {
+            return queue(Pending::Free {
+                address: address as usize,
+            });
+        }
+        // SAFETY: the caller holds the GIL, and its busy flag keeps nested hooks out.
+        if let Some(engine) = unsafe { engine() } {
             engine.tracker.on_free(address as usize);
         }
     }
 
-    /// `holds_gil`: the hook is the mem or object domain's, always called with the GIL.
+    /// `gil_domain`: the hook is the mem or object domain's, always called with the GIL.
+    #[inline(always)]
     fn traced_alloc(
         size: usize,
-        holds_gil: bool,
+        gil_domain: bool,
         allocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
         if !ACTIVE.load(Relaxed) {
             return allocate();
         }
         enter(
-            holds_gil,
+            gil_domain,
             |caller| {
                 let address = allocate();
                 if !address.is_null() {
@@ -637,31 +720,43 @@ mod python {
         )
     }
 
+    #[inline(always)]
     fn traced_realloc(
         old: *mut c_void,
         new_size: usize,
-        holds_gil: bool,
+        gil_domain: bool,
         reallocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
         if !ACTIVE.load(Relaxed) {
             return reallocate();
         }
         enter(
-            holds_gil,
+            gil_domain,
             |caller| {
-                let old_block = if old.is_null() {
-                    None
-                } else {
-                    lock()
-                        .as_mut()
-                        .and_then(|engine| engine.tracker.take_block(old as usize))
+                // The old block is forgotten before the realloc frees it: another thread may
+                // get its address at once.
+                let old_block = match (old.is_null(), caller) {
+                    (true, _) => None,
+                    (false, Caller::GilHolder) => {
+                        // SAFETY: the caller holds the GIL and its busy flag is set.
+                        unsafe { engine() }
+                            .as_mut()
+                            .and_then(|engine| engine.tracker.take_block(old as usize))
+                    }
+                    (false, Caller::WithoutGil) => {
+                        // Queued as a free: should the realloc fail (out of memory), the
+                        // block stays forgotten, its bytes off the scopes that counted it.
+                        forget(caller, old);
+                        None
+                    }
                 };
                 let address = reallocate();
                 if !address.is_null() {
                     record_alloc(caller, address, new_size);
                 } else if let (Some(block), true) = (old_block, new_size > 0) {
                     // The realloc failed and the old block is still there.
-                    if let Some(engine) = lock().as_mut() {
+                    // SAFETY: as above (only the GIL holder takes a block).
+                    if let Some(engine) = unsafe { engine() } {
                         engine.tracker.restore(old as usize, block);
                     }
                 }
@@ -671,8 +766,9 @@ mod python {
         )
     }
 
-    fn traced_free(address: *mut c_void, holds_gil: bool, release: impl Fn()) {
-        if !holds_gil && address as usize == GIL_THREAD.load(Relaxed) {
+    #[inline(always)]
+    fn traced_free(address: *mut c_void, gil_domain: bool, release: impl Fn()) {
+        if !gil_domain && address as usize == GIL_THREAD.load(Relaxed) {
             // A thread state is freed here (a thread ended): a new thread may get its address.
             let _ = GIL_THREAD.compare_exchange(address as usize, 0, Relaxed, Relaxed);
         }
@@ -680,9 +776,9 @@ mod python {
             return release();
         }
         enter(
-            holds_gil,
-            |_| {
-                forget(address);
+            gil_domain,
+            |caller| {
+                forget(caller, address);
                 release();
             },
             &release,
@@ -1028,13 +1124,12 @@ mod python {
     /// Starts tracing if it is not running (installs the hooks) and runs `f` on the engine.
     pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -> R {
         let result = untraced(py, || {
-            let mut guard = lock();
-            let engine = guard.get_or_insert_with(Engine::default);
+            // SAFETY: the token says the GIL is held, and `untraced` keeps nested hooks out.
+            let engine = unsafe { engine() }.get_or_insert_with(Engine::default);
             let result = f(engine);
             let idle = engine.tracker.is_idle();
             SITES_WANTED.store(engine.wants_sites(), Relaxed);
-            GENERATION.fetch_add(1, AcqRel);
-            // The GIL holder's cached mask is stale (this runs with the GIL).
+            // The GIL holder's cached mask is stale.
             GIL_THREAD.store(0, Relaxed);
             ACTIVE.store(!idle, Release);
             (result, idle)
@@ -1047,6 +1142,9 @@ mod python {
             #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
             // SAFETY: the token says the GIL is held.
             untraced(py, || unsafe { frames::validate() });
+            #[cfg(Py_3_12)]
+            // SAFETY: the token says the GIL is held.
+            MAIN_INTERPRETER.store(unsafe { ffi::PyInterpreterState_Main() }, Relaxed);
             install_pymem_hooks(py);
             patch_numpy(py);
         }
@@ -1055,8 +1153,11 @@ mod python {
 
     /// Runs `f` on the tracker, if there is one, without touching the hooks: for reading figures
     /// of an open scope often (the line profiler does at every line). `f` must not allocate.
-    pub(crate) fn with_tracker<R>(f: impl FnOnce(&mut Tracker) -> R) -> Option<R> {
-        lock().as_mut().map(|engine| f(&mut engine.tracker))
+    pub(crate) fn with_tracker<R>(_py: Python<'_>, f: impl FnOnce(&mut Tracker) -> R) -> Option<R> {
+        // SAFETY: the token says the GIL is held; `f` does not allocate, so no hook runs.
+        unsafe { engine() }
+            .as_mut()
+            .map(|engine| f(&mut engine.tracker))
     }
 
     // ----- line events for the line profiler -----
@@ -1164,13 +1265,13 @@ mod python {
     /// Drops the site table once no scope is open (after the last scope located its sites).
     pub(crate) fn release_sites_if_idle(py: Python<'_>) {
         let sites = {
-            let mut guard = lock();
-            match guard.as_mut() {
+            // SAFETY: the token says the GIL is held; taking the table allocates nothing.
+            match unsafe { engine() } {
                 Some(engine) if engine.tracker.is_idle() => std::mem::take(&mut engine.sites),
                 _ => return,
             }
         };
-        // Outside the lock: dropping a code object frees memory, which calls the hooks.
+        // With the engine let go: dropping a code object frees memory, which calls the hooks.
         untraced(py, || {
             for (code, _) in sites.sites {
                 // SAFETY: the GIL is held and the table owned this reference.
@@ -1194,10 +1295,12 @@ mod python {
 
     /// Resolves site ids to `file:line` and function names.
     pub(crate) fn locate_sites(py: Python<'_>, ids: &[SiteId]) -> Vec<SiteLocation> {
-        // Copy the references out under the lock, then call Python without it.
+        // Copy the references out of the engine, then call Python with it let go.
         let sites: Vec<Option<(*mut ffi::PyObject, c_int)>> = untraced(py, || {
-            let guard = lock();
-            let table = guard.as_ref().map(|engine| &engine.sites.sites);
+            // SAFETY: the token says the GIL is held, and `untraced` keeps nested hooks out.
+            let table = unsafe { engine() }
+                .as_ref()
+                .map(|engine| &engine.sites.sites);
             ids.iter()
                 .map(|&id| {
                     let (code, offset) = table?.get((id as usize).checked_sub(1)?)?;

@@ -101,7 +101,7 @@ impl LineTracer {
         let Some(slot) = self.scope.as_ref().and_then(Scope::slot) else {
             return;
         };
-        let Some((live, peak)) = ffi::with_tracker(|tracker| tracker.take_peak(slot)).flatten()
+        let Some((live, peak)) = ffi::with_tracker(py, |tracker| tracker.take_peak(slot)).flatten()
         else {
             return;
         };

@@ -302,7 +302,7 @@ impl Tracker {
     }
 
     /// Records a new block allocated by a thread that the scopes in `mask` follow.
-    #[inline]
+    #[inline(always)]
     pub fn on_alloc(&mut self, address: usize, size: usize, site: SiteId, mask: ScopeMask) {
         let mask = mask & self.open_mask;
         if mask == 0 {
@@ -321,7 +321,7 @@ impl Tracker {
     }
 
     /// Forgets a freed block.
-    #[inline]
+    #[inline(always)]
     pub fn on_free(&mut self, address: usize) {
         let (bytes, site, counting) = self.blocks.remove_counted(address);
         self.discharge_in(counting, bytes, site);

@@ -296,6 +296,42 @@ def test_raw_domain_allocations_without_the_gil_from_many_threads():
     assert m.leaked_bytes < MiB, m
 
 
+def test_raw_allocations_without_the_gil_count_by_thread():
+    """Threads without the GIL queue their events for the GIL holder: the figures are exact
+    all the same, and a thread from before the scope still does not count."""
+    libpython = ctypes.CDLL(None)  # a CDLL call releases the GIL
+    malloc = libpython.PyMem_RawMalloc
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    free = libpython.PyMem_RawFree
+    free.restype, free.argtypes = None, [ctypes.c_void_p]
+    stop = threading.Event()
+    running = threading.Event()
+
+    def from_before():
+        while not stop.is_set():
+            free(malloc(40 * MiB))
+            running.set()
+
+    before = threading.Thread(target=from_before)
+    before.start()
+    running.wait()
+    try:
+        with memgauge.measure() as m:
+            block = malloc(10 * MiB)
+            inside = threading.Thread(target=lambda: free(malloc(20 * MiB)))
+            inside.start()
+            inside.join()
+            for _ in range(20):
+                running.clear()
+                running.wait()
+            free(block)
+    finally:
+        stop.set()
+        before.join()
+    assert within(m.peak_bytes, 30 * MiB, 0.01), m
+    assert m.leaked_bytes < 64 * 1024, m
+
+
 def test_generators_closures_and_exceptions_under_tracing():
     def make_counter():
         count = 0
