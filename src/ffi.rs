@@ -417,18 +417,16 @@ mod python {
         WithoutGil,
     }
 
-    /// The GIL holder's scope mask: the cached one, or recomputed (after a scope opened or
-    /// closed, or for another thread).
+    /// The GIL holder's cached scope mask, when it is this thread state's and no scope opened
+    /// or closed since it was computed.
     ///
     /// `tstate`: [`gil_thread_state`], read once per hook.
     #[inline(always)]
-    fn gil_mask(engine: &Engine, tstate: usize) -> ScopeMask {
-        if tstate != 0 && GIL_THREAD.load(Relaxed) == tstate {
-            return GIL_MASK.load(Relaxed);
-        }
-        refresh_gil_mask(engine, tstate)
+    fn cached_gil_mask(tstate: usize) -> Option<ScopeMask> {
+        (tstate != 0 && GIL_THREAD.load(Relaxed) == tstate).then(|| GIL_MASK.load(Relaxed))
     }
 
+    /// Recomputes the GIL holder's scope mask (a scope opened or closed, or another thread).
     #[cold]
     #[inline(never)]
     fn refresh_gil_mask(engine: &Engine, tstate: usize) -> ScopeMask {
@@ -494,17 +492,6 @@ mod python {
             return unsafe { frames::innermost(tstate as *const u8, code_offset) };
         }
         // SAFETY: the GIL is held.
-        unsafe { site_slowly() }
-    }
-
-    /// [`current_site`] through the public API, out of the hooks' line.
-    ///
-    /// # Safety
-    /// As [`current_site`].
-    #[cold]
-    #[inline(never)]
-    unsafe fn site_slowly() -> Option<(*mut ffi::PyObject, c_int)> {
-        // SAFETY: the GIL is held.
         unsafe { public_site() }
     }
 
@@ -514,6 +501,8 @@ mod python {
     ///
     /// # Safety
     /// The caller holds the GIL.
+    #[cold]
+    #[inline(never)]
     unsafe fn public_site() -> Option<(*mut ffi::PyObject, c_int)> {
         // SAFETY: the GIL is held. PyEval_GetFrame skips incomplete frames since 3.11.0
         // (gh-96975); it may create the frame object, an allocation that passes through as busy.
@@ -667,7 +656,8 @@ mod python {
             });
         }
         let tstate = gil_thread_state();
-        if tstate != 0 && GIL_THREAD.load(Relaxed) == tstate && GIL_MASK.load(Relaxed) == 0 {
+        let cached = cached_gil_mask(tstate);
+        if cached == Some(0) {
             return; // No open scope follows this thread.
         }
         let site = if SITES_WANTED.load(Relaxed) {
@@ -680,7 +670,7 @@ mod python {
         let Some(engine) = (unsafe { engine() }) else {
             return;
         };
-        let mask = gil_mask(engine, tstate);
+        let mask = cached.unwrap_or_else(|| refresh_gil_mask(engine, tstate));
         let site = engine.sites.intern(site);
         engine.tracker.on_alloc(address as usize, size, site, mask);
     }
