@@ -1178,11 +1178,22 @@ mod python {
             // SAFETY: the frame is alive for the event and the GIL is held.
             unsafe { ffi::PyFrame_GetLineNumber(self.frame) }
         }
+
+        /// The address of the frame's code object, a key for it while the frame runs.
+        pub fn code(&self) -> usize {
+            // SAFETY: the frame is alive for the event and the GIL is held. The frame holds a
+            // reference to its code, so ours is dropped at once: the address stays the frame's
+            // code for the event.
+            unsafe {
+                let code = ffi::PyFrame_GetCode(self.frame).cast::<ffi::PyObject>();
+                ffi::Py_DECREF(code);
+                code as usize
+            }
+        }
     }
 
     /// The receiver of line events, with the object passed to `PyEval_SetTrace`.
-    pub type TraceHandler =
-        fn(Python<'_>, &Bound<'_, PyAny>, TraceKind, usize, TraceFrame<'_>) -> ();
+    pub type TraceHandler = fn(Python<'_>, &Bound<'_, PyAny>, TraceKind, TraceFrame<'_>) -> ();
 
     static TRACE_HANDLER: AtomicUsize = AtomicUsize::new(0);
 
@@ -1204,20 +1215,15 @@ mod python {
         }
         // SAFETY: the interpreter calls trace functions with the GIL held, a live frame and
         // the object given to PyEval_SetTrace, which the tracer keeps alive while installed.
-        // The frame holds a reference to its code, so ours is dropped at once; the address
-        // stays valid as the frame's code for the event.
         unsafe {
             let py = Python::assume_attached();
-            let code = ffi::PyFrame_GetCode(frame).cast::<ffi::PyObject>();
-            let code_key = code as usize;
-            ffi::Py_DECREF(code);
-            let obj = Bound::from_borrowed_ptr(py, obj);
+            let obj = Borrowed::from_ptr(py, obj);
             let handler = std::mem::transmute::<usize, TraceHandler>(handler);
             let frame = TraceFrame {
                 frame,
                 _event: std::marker::PhantomData,
             };
-            handler(py, &obj, kind, code_key, frame);
+            handler(py, &obj, kind, frame);
         }
         0
     }

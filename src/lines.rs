@@ -32,9 +32,59 @@ struct LineStats {
     occurrences: u64,
 }
 
+/// A profiled code object and the statistics of its lines, by line number from its first line
+/// (the `def` or decorator line): a line event indexes them without hashing.
+struct CodeLines {
+    code: Py<PyCode>,
+    first_line: i32,
+    lines: Vec<LineStats>,
+    /// Lines before the first line, which no interpreter reports today.
+    earlier: Vec<(i32, LineStats)>,
+}
+
+impl CodeLines {
+    fn line_mut(&mut self, line: i32) -> &mut LineStats {
+        let Ok(offset) = usize::try_from(line - self.first_line) else {
+            return self.earlier_line_mut(line);
+        };
+        if offset >= self.lines.len() {
+            self.lines.resize(offset + 1, LineStats::default());
+        }
+        &mut self.lines[offset]
+    }
+
+    #[cold]
+    fn earlier_line_mut(&mut self, line: i32) -> &mut LineStats {
+        let index = match self.earlier.iter().position(|(number, _)| *number == line) {
+            Some(index) => index,
+            None => {
+                self.earlier.push((line, LineStats::default()));
+                self.earlier.len() - 1
+            }
+        };
+        &mut self.earlier[index].1
+    }
+
+    /// Every line that ran, with its statistics.
+    fn lines(&self) -> impl Iterator<Item = (i32, &LineStats)> {
+        let first_line = self.first_line;
+        self.earlier
+            .iter()
+            .map(|(line, stats)| (*line, stats))
+            .chain(
+                self.lines
+                    .iter()
+                    .zip(first_line..)
+                    .map(|(stats, line)| (line, stats)),
+            )
+            .filter(|(_, stats)| stats.occurrences > 0)
+    }
+}
+
 /// A profiled frame that is running, and the line it is on.
 struct FrameRecord {
     frame: usize,
+    /// Index of its code in [`LineTracer::codes`].
     code: usize,
     line: Option<i32>,
     start_live: u64,
@@ -50,6 +100,20 @@ impl FrameRecord {
             start_live: live,
             max_live: live,
         }
+    }
+
+    /// Folds the line that ends at `live` into its statistics.
+    fn close_line(&self, codes: &mut [CodeLines], live: u64, rss: Option<u64>) {
+        let Some(line) = self.line else {
+            return;
+        };
+        let stats = codes[self.code].line_mut(line);
+        stats.increment += live as i64 - self.start_live as i64;
+        stats.peak = stats
+            .peak
+            .max(self.max_live.saturating_sub(self.start_live));
+        stats.rss = stats.rss.max(rss);
+        stats.occurrences += 1;
     }
 }
 
@@ -83,20 +147,30 @@ type StatsRow<'py> = (Bound<'py, PyCode>, i32, i64, u64, Option<u64>, u64);
 /// The Rust half of `memgauge.LineProfiler`.
 #[pyclass(module = "memgauge._native", name = "LineTracer")]
 pub struct LineTracer {
-    /// Profiled code objects by address, with their first line (the `def` or decorator line).
-    codes: FastMap<usize, (Py<PyCode>, i32)>,
+    /// Indexes into [`LineTracer::codes`] by code object address.
+    index: FastMap<usize, usize>,
+    codes: Vec<CodeLines>,
     /// The profiled frames running on each Python thread, innermost last; the thread of the
     /// latest event first.
     stacks: Vec<(usize, Vec<FrameRecord>)>,
-    stats: FastMap<(usize, i32), LineStats>,
     scope: Option<Scope>,
     rss: Rss,
 }
 
 impl LineTracer {
-    fn on_event(&mut self, py: Python<'_>, kind: TraceKind, code: usize, frame: TraceFrame<'_>) {
-        let Some(&(_, first_line)) = self.codes.get(&code) else {
-            return;
+    fn on_event(&mut self, py: Python<'_>, kind: TraceKind, frame: TraceFrame<'_>) {
+        let thread = ffi::python_thread_key(py);
+        if self.stacks.first().map(|(key, _)| *key) != Some(thread) {
+            self.switch_thread(thread);
+        }
+        // Most events are lines of the innermost profiled frame: no lookup of its code.
+        let top = self.stacks[0].1.last();
+        let code = match top {
+            Some(record) if record.frame == frame.key() => record.code,
+            _ => match self.index.get(&frame.code()) {
+                Some(&code) => code,
+                None => return,
+            },
         };
         let Some(slot) = self.scope.as_ref().and_then(Scope::slot) else {
             return;
@@ -111,22 +185,16 @@ impl LineTracer {
             }
         }
         let rss = self.rss.now(live);
-        let thread = ffi::python_thread_key(py);
-        match self.stacks.iter().position(|(key, _)| *key == thread) {
-            Some(0) => {}
-            Some(index) => self.stacks.swap(0, index),
-            None => {
-                self.stacks.push((thread, Vec::new()));
-                let last = self.stacks.len() - 1;
-                self.stacks.swap(0, last);
-            }
-        }
         let stack = &mut self.stacks[0].1;
-        let found = stack.iter().rposition(|record| record.frame == frame.key());
+        let found = match stack.last() {
+            Some(record) if record.frame == frame.key() => Some(stack.len() - 1),
+            _ => stack.iter().rposition(|record| record.frame == frame.key()),
+        };
         match (kind, found) {
             (TraceKind::Call, _) => {
                 stack.push(FrameRecord::new(frame.key(), code, live));
-                let stats = self.stats.entry((code, first_line)).or_default();
+                let code = &mut self.codes[code];
+                let stats = code.line_mut(code.first_line);
                 stats.occurrences += 1;
                 stats.rss = stats.rss.max(rss);
             }
@@ -137,48 +205,36 @@ impl LineTracer {
                     stack.len() - 1
                 });
                 let record = &mut stack[index];
-                close_line(&mut self.stats, record, live, rss);
+                record.close_line(&mut self.codes, live, rss);
                 record.line = Some(frame.line());
                 record.start_live = live;
                 record.max_live = live;
             }
             (TraceKind::Return, Some(index)) => {
-                close_line(&mut self.stats, &stack[index], live, rss);
+                stack[index].close_line(&mut self.codes, live, rss);
                 stack.truncate(index);
             }
             (TraceKind::Return, None) => {}
         }
     }
+
+    /// Puts the stack of `thread` first, making one for a thread new to the profiler.
+    #[cold]
+    fn switch_thread(&mut self, thread: usize) {
+        match self.stacks.iter().position(|(key, _)| *key == thread) {
+            Some(index) => self.stacks.swap(0, index),
+            None => {
+                self.stacks.push((thread, Vec::new()));
+                let last = self.stacks.len() - 1;
+                self.stacks.swap(0, last);
+            }
+        }
+    }
 }
 
-fn close_line(
-    stats: &mut FastMap<(usize, i32), LineStats>,
-    record: &FrameRecord,
-    live: u64,
-    rss: Option<u64>,
-) {
-    let Some(line) = record.line else {
-        return;
-    };
-    let stats = stats.entry((record.code, line)).or_default();
-    stats.increment += live as i64 - record.start_live as i64;
-    stats.peak = stats
-        .peak
-        .max(record.max_live.saturating_sub(record.start_live));
-    stats.rss = stats.rss.max(rss);
-    stats.occurrences += 1;
-}
-
-fn handle(
-    py: Python<'_>,
-    tracer: &Bound<'_, PyAny>,
-    kind: TraceKind,
-    code: usize,
-    frame: TraceFrame<'_>,
-) {
-    let Ok(tracer) = tracer.cast::<LineTracer>() else {
-        return;
-    };
+fn handle(py: Python<'_>, tracer: &Bound<'_, PyAny>, kind: TraceKind, frame: TraceFrame<'_>) {
+    // SAFETY: this handler is only ever installed with a LineTracer (see `enable`).
+    let tracer = unsafe { tracer.cast_unchecked::<LineTracer>() };
     let Ok(mut state) = tracer.try_borrow_mut() else {
         return;
     };
@@ -188,7 +244,7 @@ fn handle(
         ffi::set_trace(py, None, false);
         return;
     }
-    state.on_event(py, kind, code, frame);
+    state.on_event(py, kind, frame);
 }
 
 #[pymethods]
@@ -196,9 +252,9 @@ impl LineTracer {
     #[new]
     fn new() -> Self {
         LineTracer {
-            codes: FastMap::default(),
+            index: FastMap::default(),
+            codes: Vec::new(),
             stacks: Vec::new(),
-            stats: FastMap::default(),
             scope: None,
             rss: Rss {
                 read_at: None,
@@ -220,8 +276,16 @@ impl LineTracer {
             ))
         })?;
         let first_line: i32 = code.getattr("co_firstlineno")?.extract()?;
-        self.codes
-            .insert(code.as_ptr() as usize, (code.clone().unbind(), first_line));
+        let key = code.as_ptr() as usize;
+        if !self.index.contains_key(&key) {
+            self.index.insert(key, self.codes.len());
+            self.codes.push(CodeLines {
+                code: code.clone().unbind(),
+                first_line,
+                lines: Vec::new(),
+                earlier: Vec::new(),
+            });
+        }
         Ok(())
     }
 
@@ -270,18 +334,19 @@ impl LineTracer {
     /// line of a function carries its calls and the RSS at entry.
     fn stats<'py>(&self, py: Python<'py>) -> Vec<StatsRow<'py>> {
         let mut rows: Vec<_> = self
-            .stats
+            .codes
             .iter()
-            .filter_map(|(&(code, line), stats)| {
-                let (code, _) = self.codes.get(&code)?;
-                Some((
-                    code.bind(py).clone(),
-                    line,
-                    stats.increment,
-                    stats.peak,
-                    stats.rss,
-                    stats.occurrences,
-                ))
+            .flat_map(|code| {
+                code.lines().map(|(line, stats)| {
+                    (
+                        code.code.bind(py).clone(),
+                        line,
+                        stats.increment,
+                        stats.peak,
+                        stats.rss,
+                        stats.occurrences,
+                    )
+                })
             })
             .collect();
         rows.sort_by_key(|row| (row.0.as_ptr() as usize, row.1));
