@@ -572,6 +572,22 @@ mod python {
             unsafe { base.add(offset).cast::<T>().read() }
         }
 
+        /// Whether a frame's code field holds a code object. Up to 3.12 it always does, and
+        /// the type is not checked: the load of the code object's header was the hottest
+        /// instruction of `hook_malloc` in a time profile (`perf record -e cpu-clock`). From
+        /// 3.13 the field is `f_executable`, which may be another object.
+        ///
+        /// # Safety
+        /// `code` is the code field of a live frame, and the GIL is held.
+        #[inline(always)]
+        unsafe fn is_code(code: *mut ffi::PyObject) -> bool {
+            #[cfg(not(Py_3_13))]
+            return !code.is_null();
+            // SAFETY: a live frame's field is null or points to a live object.
+            #[cfg(Py_3_13)]
+            return !code.is_null() && unsafe { ffi::PyCode_Check(code) } != 0;
+        }
+
         /// The code object and instruction pointer of the innermost frame with Python code.
         ///
         /// # Safety
@@ -595,7 +611,7 @@ mod python {
                 while !frame.is_null() {
                     if read::<u8>(frame, owner_at) != OWNED_BY_CSTACK {
                         let code: *mut ffi::PyObject = read(frame, code_at);
-                        if !code.is_null() && ffi::PyCode_Check(code) != 0 {
+                        if is_code(code) {
                             return Some((code, read(frame, instr_at)));
                         }
                     }
@@ -647,6 +663,7 @@ mod python {
         }
     }
 
+    #[inline(always)]
     fn record_alloc(caller: Caller, address: *mut c_void, size: usize) {
         if caller == Caller::WithoutGil {
             return queue(Pending::Alloc {
@@ -675,6 +692,7 @@ mod python {
         engine.tracker.on_alloc(address as usize, size, site, mask);
     }
 
+    #[inline(always)]
     fn forget(caller: Caller, address: *mut c_void) {
         if caller == Caller::WithoutGil {
             return queue(Pending::Free {
