@@ -78,6 +78,8 @@ pub struct RssMonitor {
     windows: Vec<Option<Window>>,
     source: Option<Source>,
     kernel_refused: bool,
+    /// Whether the OS tells the RSS, found at the first window.
+    available: Option<bool>,
 }
 
 impl RssMonitor {
@@ -85,18 +87,27 @@ impl RssMonitor {
         std::env::var_os("MEMGAUGE_RSS_SAMPLER").is_some_and(|v| v == "1")
     }
 
-    /// Reads the mark since the last reset, folds it into every open window, and resets it.
-    fn checkpoint(&mut self) {
-        let peak = match &self.source {
-            Some(Source::Kernel) => proc::status_memory().and_then(|m| m.hwm_bytes),
-            Some(Source::Sampler(sampler)) => Some(sampler.peak.load(Relaxed)),
-            None => None,
+    /// Reads the mark since the last reset and folds it into every open window; returns the
+    /// RSS now when the same read told it (the kernel's status file does).
+    fn fold_mark(&mut self) -> Option<u64> {
+        let (peak, now) = match &self.source {
+            Some(Source::Kernel) => {
+                let memory = proc::status_memory().unwrap_or_default();
+                (memory.hwm_bytes, memory.rss_bytes)
+            }
+            Some(Source::Sampler(sampler)) => (Some(sampler.peak.load(Relaxed)), None),
+            None => (None, None),
         };
         if let Some(peak) = peak {
             for window in self.windows.iter_mut().flatten() {
                 window.max_seen = window.max_seen.max(peak);
             }
         }
+        now
+    }
+
+    /// Restarts the mark from the RSS now.
+    fn reset_mark(&mut self) {
         match &self.source {
             Some(Source::Kernel) if proc::reset_peak_resident().is_err() => {
                 self.kernel_refused = true;
@@ -124,10 +135,22 @@ impl RssMonitor {
     }
 
     /// Opens a window; None where the OS does not tell the RSS.
+    ///
+    /// A scope opens and closes one, around every test: with no other window open, opening
+    /// costs one reset of the mark and one read of `statm`, and closing one read of `status`.
     pub fn open(&mut self) -> Option<usize> {
-        proc::resident_bytes()?;
+        if !*self
+            .available
+            .get_or_insert_with(|| proc::resident_bytes().is_some())
+        {
+            return None;
+        }
         self.ensure_source();
-        self.checkpoint();
+        // The windows open now keep the mark so far before it restarts for the new one.
+        if self.windows.iter().any(Option::is_some) {
+            self.fold_mark();
+        }
+        self.reset_mark();
         let start = proc::resident_bytes()?;
         let window = Window {
             start,
@@ -146,9 +169,9 @@ impl RssMonitor {
 
     /// Closes a window and returns its figures.
     pub fn close(&mut self, id: usize) -> RssFigures {
-        self.checkpoint();
+        // No reset: the windows still open keep the mark, and a new one resets it.
+        let end = self.fold_mark().or_else(proc::resident_bytes);
         let sampled = matches!(self.source, Some(Source::Sampler(_)));
-        let end = proc::resident_bytes();
         let Some(window) = self.windows.get_mut(id).and_then(Option::take) else {
             return RssFigures::default();
         };
@@ -172,6 +195,7 @@ pub static MONITOR: Mutex<RssMonitor> = Mutex::new(RssMonitor {
     windows: Vec::new(),
     source: None,
     kernel_refused: false,
+    available: None,
 });
 
 pub fn open_window() -> Option<usize> {
