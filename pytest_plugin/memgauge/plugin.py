@@ -380,9 +380,12 @@ class MemgaugePlugin:
         if self.is_worker:
             return
         record = getattr(report, "memgauge", None)
+        benchmarks = getattr(report, "memgauge_benchmarks", None)
+        if record is None and not benchmarks and report.passed:
+            return  # Nothing to record: most reports (setup, subtests) end here.
         key = self.result_key(report)
         outcome = "passed" if report.passed else "skipped" if report.skipped else "failed"
-        for benchmark in getattr(report, "memgauge_benchmarks", None) or []:
+        for benchmark in benchmarks or []:
             benchmark = dict(benchmark)
             benchmark_id = benchmark.pop("id")
             entry = {"outcome": outcome, **benchmark}
