@@ -7,6 +7,7 @@
 //! mark since the previous event is folded into every line still running (a caller's line runs
 //! while its callee does), then restarted.
 
+use std::cell::{Cell, UnsafeCell};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
@@ -84,7 +85,7 @@ impl CodeLines {
 /// A profiled frame that is running, and the line it is on.
 struct FrameRecord {
     frame: usize,
-    /// Index of its code in [`LineTracer::codes`].
+    /// Index of its code in [`LineState::codes`].
     code: usize,
     line: Option<i32>,
     start_live: u64,
@@ -145,9 +146,46 @@ impl Rss {
 type StatsRow<'py> = (Bound<'py, PyCode>, i32, i64, u64, Option<u64>, u64);
 
 /// The Rust half of `memgauge.LineProfiler`.
-#[pyclass(module = "memgauge._native", name = "LineTracer")]
+#[pyclass(module = "memgauge._native", name = "LineTracer", frozen)]
 pub struct LineTracer {
-    /// Indexes into [`LineTracer::codes`] by code object address.
+    state: GilRefCell<LineState>,
+}
+
+/// A value used only by the thread holding the GIL (the trace function and the tracer's
+/// methods all hold it), with a flag, not atomic, that refuses a nested use as `RefCell` does.
+/// A line event costs less than with PyO3's own borrow flag, an atomic read-modify-write.
+struct GilRefCell<T> {
+    in_use: Cell<bool>,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is only reached through `with`, whose callers hold the GIL (the token
+// says so), so one thread at a time touches the flag and the value.
+unsafe impl<T: Send> Sync for GilRefCell<T> {}
+
+impl<T> GilRefCell<T> {
+    fn new(value: T) -> Self {
+        GilRefCell {
+            in_use: Cell::new(false),
+            value: UnsafeCell::new(value),
+        }
+    }
+
+    /// Runs `f` on the value, or returns None when it is in use further up this thread.
+    fn with<R>(&self, _py: Python<'_>, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        if self.in_use.replace(true) {
+            return None;
+        }
+        // SAFETY: the GIL is held and the flag was clear, so no other reference is alive.
+        let result = f(unsafe { &mut *self.value.get() });
+        self.in_use.set(false);
+        Some(result)
+    }
+}
+
+/// What the tracer knows: the profiled code, the running frames and the statistics.
+struct LineState {
+    /// Indexes into [`LineState::codes`] by code object address.
     index: FastMap<usize, usize>,
     codes: Vec<CodeLines>,
     /// The profiled frames running on each Python thread, innermost last; the thread of the
@@ -157,7 +195,7 @@ pub struct LineTracer {
     rss: Rss,
 }
 
-impl LineTracer {
+impl LineState {
     fn on_event(&mut self, py: Python<'_>, kind: TraceKind, frame: TraceFrame<'_>) {
         let thread = ffi::python_thread_key(py);
         if self.stacks.first().map(|(key, _)| *key) != Some(thread) {
@@ -235,16 +273,21 @@ impl LineTracer {
 fn handle(py: Python<'_>, tracer: &Bound<'_, PyAny>, kind: TraceKind, frame: TraceFrame<'_>) {
     // SAFETY: this handler is only ever installed with a LineTracer (see `enable`).
     let tracer = unsafe { tracer.cast_unchecked::<LineTracer>() };
-    let Ok(mut state) = tracer.try_borrow_mut() else {
-        return;
-    };
-    if state.scope.is_none() {
+    let enabled = tracer.get().state.with(py, |state| {
+        if state.scope.is_none() {
+            return false;
+        }
+        state.on_event(py, kind, frame);
+        true
+    });
+    if enabled == Some(false) {
         // Disabled while this thread still had the trace function: take it off.
-        drop(state);
         ffi::set_trace(py, None, false);
-        return;
     }
-    state.on_event(py, kind, frame);
+}
+
+fn busy() -> PyErr {
+    PyRuntimeError::new_err("the line profiler is in use")
 }
 
 #[pymethods]
@@ -252,21 +295,23 @@ impl LineTracer {
     #[new]
     fn new() -> Self {
         LineTracer {
-            index: FastMap::default(),
-            codes: Vec::new(),
-            stacks: Vec::new(),
-            scope: None,
-            rss: Rss {
-                read_at: None,
-                bytes: None,
-                live_at_read: 0,
-                events: 0,
-            },
+            state: GilRefCell::new(LineState {
+                index: FastMap::default(),
+                codes: Vec::new(),
+                stacks: Vec::new(),
+                scope: None,
+                rss: Rss {
+                    read_at: None,
+                    bytes: None,
+                    live_at_read: 0,
+                    events: 0,
+                },
+            }),
         }
     }
 
     /// Profiles the lines of a code object.
-    fn add_code(&mut self, code: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn add_code(&self, code: &Bound<'_, PyAny>) -> PyResult<()> {
         let code = code.cast::<PyCode>().map_err(|_| {
             PyTypeError::new_err(format!(
                 "memgauge profiles functions and code objects, not {}",
@@ -277,37 +322,45 @@ impl LineTracer {
         })?;
         let first_line: i32 = code.getattr("co_firstlineno")?.extract()?;
         let key = code.as_ptr() as usize;
-        if !self.index.contains_key(&key) {
-            self.index.insert(key, self.codes.len());
-            self.codes.push(CodeLines {
-                code: code.clone().unbind(),
-                first_line,
-                lines: Vec::new(),
-                earlier: Vec::new(),
-            });
-        }
-        Ok(())
+        self.state
+            .with(code.py(), |state| {
+                if !state.index.contains_key(&key) {
+                    state.index.insert(key, state.codes.len());
+                    state.codes.push(CodeLines {
+                        code: code.clone().unbind(),
+                        first_line,
+                        lines: Vec::new(),
+                        earlier: Vec::new(),
+                    });
+                }
+            })
+            .ok_or_else(busy)
     }
 
     #[getter]
-    fn enabled(&self) -> bool {
-        self.scope.is_some()
+    fn enabled(&self, py: Python<'_>) -> PyResult<bool> {
+        self.state
+            .with(py, |state| state.scope.is_some())
+            .ok_or_else(busy)
     }
 
     /// Starts the figures and line events on this thread (and, from 3.12, on every thread).
     fn enable(slf: &Bound<'_, Self>) -> PyResult<()> {
         let py = slf.py();
-        {
-            let mut tracer = slf.borrow_mut();
-            if tracer.scope.is_some() {
-                return Err(PyRuntimeError::new_err(
-                    "the line profiler is already enabled",
-                ));
-            }
-            let scope = Scope::open_all_threads(py, 0)
-                .map_err(|error| PyRuntimeError::new_err(error.to_string()))?;
-            tracer.scope = Some(scope);
-        }
+        slf.get()
+            .state
+            .with(py, |state| {
+                if state.scope.is_some() {
+                    return Err(PyRuntimeError::new_err(
+                        "the line profiler is already enabled",
+                    ));
+                }
+                let scope = Scope::open_all_threads(py, 0)
+                    .map_err(|error| PyRuntimeError::new_err(error.to_string()))?;
+                state.scope = Some(scope);
+                Ok(())
+            })
+            .ok_or_else(busy)??;
         ffi::set_trace(py, Some((slf.as_any(), handle)), true);
         Ok(())
     }
@@ -315,41 +368,54 @@ impl LineTracer {
     /// Sends this thread's line events here: `threading.settrace` calls it in new threads.
     #[pyo3(signature = (*_args))]
     fn thread_bootstrap(slf: &Bound<'_, Self>, _args: &Bound<'_, PyAny>) -> Option<Py<PyAny>> {
-        if slf.borrow().scope.is_some() {
-            ffi::set_trace(slf.py(), Some((slf.as_any(), handle)), false);
+        let py = slf.py();
+        if slf.get().state.with(py, |state| state.scope.is_some()) == Some(true) {
+            ffi::set_trace(py, Some((slf.as_any(), handle)), false);
         }
         None
     }
 
     /// Stops the line events and the figures; the statistics stay.
-    fn disable(&mut self, py: Python<'_>) {
+    fn disable(&self, py: Python<'_>) -> PyResult<()> {
         ffi::set_trace(py, None, true);
-        self.stacks.clear();
-        if let Some(scope) = self.scope.take() {
+        let scope = self
+            .state
+            .with(py, |state| {
+                state.stacks.clear();
+                state.scope.take()
+            })
+            .ok_or_else(busy)?;
+        // Closing calls Python (the sites, the hooks): with the state let go.
+        if let Some(scope) = scope {
             scope.close(py);
         }
+        Ok(())
     }
 
     /// `(code, line, increment, peak, rss, occurrences)` for every line that ran; the `def`
     /// line of a function carries its calls and the RSS at entry.
-    fn stats<'py>(&self, py: Python<'py>) -> Vec<StatsRow<'py>> {
-        let mut rows: Vec<_> = self
-            .codes
-            .iter()
-            .flat_map(|code| {
-                code.lines().map(|(line, stats)| {
-                    (
-                        code.code.bind(py).clone(),
-                        line,
-                        stats.increment,
-                        stats.peak,
-                        stats.rss,
-                        stats.occurrences,
-                    )
-                })
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<StatsRow<'py>>> {
+        self.state
+            .with(py, |state| {
+                let mut rows: Vec<_> = state
+                    .codes
+                    .iter()
+                    .flat_map(|code| {
+                        code.lines().map(|(line, stats)| {
+                            (
+                                code.code.bind(py).clone(),
+                                line,
+                                stats.increment,
+                                stats.peak,
+                                stats.rss,
+                                stats.occurrences,
+                            )
+                        })
+                    })
+                    .collect();
+                rows.sort_by_key(|row| (row.0.as_ptr() as usize, row.1));
+                rows
             })
-            .collect();
-        rows.sort_by_key(|row| (row.0.as_ptr() as usize, row.1));
-        rows
+            .ok_or_else(busy)
     }
 }
