@@ -176,10 +176,16 @@ impl<T> GilRefCell<T> {
         if self.in_use.replace(true) {
             return None;
         }
+        /// Clears the flag when `f` returns or unwinds.
+        struct Release<'a>(&'a Cell<bool>);
+        impl Drop for Release<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let _release = Release(&self.in_use);
         // SAFETY: the GIL is held and the flag was clear, so no other reference is alive.
-        let result = f(unsafe { &mut *self.value.get() });
-        self.in_use.set(false);
-        Some(result)
+        Some(f(unsafe { &mut *self.value.get() }))
     }
 }
 
