@@ -317,6 +317,12 @@ impl Blocks {
         self.len = 0;
     }
 
+    /// The open scopes, as bits by slot.
+    #[inline(always)]
+    pub fn open_mask(&self) -> ScopeMask {
+        self.open
+    }
+
     /// A scope opened in `slot` at `epoch`: it counts blocks allocated from now on.
     pub fn scope_opened(&mut self, slot: usize, epoch: u32) {
         self.open |= 1 << slot;

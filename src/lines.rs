@@ -33,51 +33,51 @@ struct LineStats {
     occurrences: u64,
 }
 
-/// A profiled code object and the statistics of its lines, by line number from its first line
-/// (the `def` or decorator line): a line event indexes them without hashing.
+/// A profiled code object and the statistics of its lines, indexed by line number from `base`:
+/// a line event indexes them without hashing.
 struct CodeLines {
     code: Py<PyCode>,
+    /// `co_firstlineno`, the `def` (or first decorator) line, which carries the calls.
     first_line: i32,
+    /// The line of `lines[0]`: the first line, or a lower one should an event report one.
+    base: i32,
     lines: Vec<LineStats>,
-    /// Lines before the first line, which no interpreter reports today.
-    earlier: Vec<(i32, LineStats)>,
 }
 
 impl CodeLines {
+    fn new(code: Py<PyCode>, first_line: i32) -> Self {
+        CodeLines {
+            code,
+            first_line,
+            base: first_line,
+            lines: Vec::new(),
+        }
+    }
+
     fn line_mut(&mut self, line: i32) -> &mut LineStats {
-        let Ok(offset) = usize::try_from(line - self.first_line) else {
-            return self.earlier_line_mut(line);
-        };
+        if line < self.base {
+            self.rebase(line);
+        }
+        let offset = (line - self.base) as usize;
         if offset >= self.lines.len() {
             self.lines.resize(offset + 1, LineStats::default());
         }
         &mut self.lines[offset]
     }
 
+    /// Makes room for lines from `line` up to the current base.
     #[cold]
-    fn earlier_line_mut(&mut self, line: i32) -> &mut LineStats {
-        let index = match self.earlier.iter().position(|(number, _)| *number == line) {
-            Some(index) => index,
-            None => {
-                self.earlier.push((line, LineStats::default()));
-                self.earlier.len() - 1
-            }
-        };
-        &mut self.earlier[index].1
+    fn rebase(&mut self, line: i32) {
+        let missing = (self.base - line) as usize;
+        self.lines
+            .splice(0..0, std::iter::repeat(LineStats::default()).take(missing));
+        self.base = line;
     }
 
     /// Every line that ran, with its statistics.
     fn lines(&self) -> impl Iterator<Item = (i32, &LineStats)> {
-        let first_line = self.first_line;
-        self.earlier
-            .iter()
-            .map(|(line, stats)| (*line, stats))
-            .chain(
-                self.lines
-                    .iter()
-                    .zip(first_line..)
-                    .map(|(stats, line)| (line, stats)),
-            )
+        (self.base..)
+            .zip(&self.lines)
             .filter(|(_, stats)| stats.occurrences > 0)
     }
 }
@@ -332,12 +332,9 @@ impl LineTracer {
             .with(code.py(), |state| {
                 if !state.index.contains_key(&key) {
                     state.index.insert(key, state.codes.len());
-                    state.codes.push(CodeLines {
-                        code: code.clone().unbind(),
-                        first_line,
-                        lines: Vec::new(),
-                        earlier: Vec::new(),
-                    });
+                    state
+                        .codes
+                        .push(CodeLines::new(code.clone().unbind(), first_line));
                 }
             })
             .ok_or_else(busy)

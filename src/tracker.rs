@@ -186,9 +186,9 @@ pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FoldHasher>>;
 #[derive(Default)]
 pub struct Tracker {
     blocks: Blocks,
-    /// Slot `i` holds a scope while bit `i` of `open_mask` is set; a closed slot is default.
+    /// Slot `i` holds a scope while bit `i` of [`Tracker::open_mask`] is set (the blocks keep
+    /// the mask, which they need for every free); a closed slot is default.
     scopes: [ScopeState; MAX_SCOPES],
-    open_mask: ScopeMask,
     epochs_opened: u32,
 }
 
@@ -217,11 +217,11 @@ pub(crate) fn slots(mut mask: ScopeMask) -> impl Iterator<Item = usize> {
 
 impl Tracker {
     pub fn open_mask(&self) -> ScopeMask {
-        self.open_mask
+        self.blocks.open_mask()
     }
 
     pub fn is_idle(&self) -> bool {
-        self.open_mask == 0
+        self.open_mask() == 0
     }
 
     /// Opens a scope followed by `opener_thread` and by threads not in `threads_before`.
@@ -230,7 +230,7 @@ impl Tracker {
         opener_thread: u64,
         mut threads_before: Vec<u64>,
     ) -> Result<usize, TrackerError> {
-        let slot = (!self.open_mask).trailing_zeros() as usize;
+        let slot = (!self.open_mask()).trailing_zeros() as usize;
         if slot >= MAX_SCOPES {
             return Err(TrackerError::TooManyScopes);
         }
@@ -242,7 +242,6 @@ impl Tracker {
             threads_before,
             ..ScopeState::default()
         };
-        self.open_mask |= 1 << slot;
         Ok(slot)
     }
 
@@ -252,9 +251,8 @@ impl Tracker {
             return Err(TrackerError::NotOpen(slot));
         }
         let scope = std::mem::take(&mut self.scopes[slot]);
-        self.open_mask &= !(1 << slot);
         self.blocks.scope_closed(slot);
-        if self.open_mask == 0 {
+        if self.open_mask() == 0 {
             self.blocks.clear();
         }
         let ranked = |bytes: &dyn Fn(&SiteCounter) -> u64| {
@@ -296,7 +294,7 @@ impl Tracker {
 
     /// Which open scopes follow the thread `thread`.
     pub fn membership(&self, thread: u64) -> ScopeMask {
-        slots(self.open_mask)
+        slots(self.open_mask())
             .filter(|&slot| self.scopes[slot].follows(thread))
             .fold(0, |mask, slot| mask | (1 << slot))
     }
@@ -304,7 +302,7 @@ impl Tracker {
     /// Records a new block allocated by a thread that the scopes in `mask` follow.
     #[inline(always)]
     pub fn on_alloc(&mut self, address: usize, size: usize, site: SiteId, mask: ScopeMask) {
-        let mask = mask & self.open_mask;
+        let mask = mask & self.open_mask();
         if mask == 0 {
             return;
         }
@@ -366,7 +364,7 @@ impl Tracker {
     /// Applies `apply` to each scope in `mask`, a set of open scopes.
     #[inline(always)]
     fn each_scope(&mut self, mask: ScopeMask, mut apply: impl FnMut(&mut ScopeState)) {
-        debug_assert_eq!(mask & !self.open_mask, 0, "a closed scope counts a block");
+        debug_assert_eq!(mask & !self.open_mask(), 0, "a closed scope counts a block");
         if mask & mask.wrapping_sub(1) == 0 {
             // At most one scope (the common case): no loop.
             if mask != 0 {
@@ -378,7 +376,7 @@ impl Tracker {
     }
 
     fn is_open(&self, slot: usize) -> bool {
-        slot < MAX_SCOPES && self.open_mask & (1 << slot) != 0
+        slot < MAX_SCOPES && self.open_mask() & (1 << slot) != 0
     }
 }
 
@@ -605,7 +603,6 @@ mod tests {
                 }
             }
         }
-
 
         /// Whatever the order of allocations and frees, the sites at the peak add up to the peak,
         /// and the peak and the leak match a direct replay.
