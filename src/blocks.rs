@@ -209,7 +209,6 @@ struct Region {
 }
 
 /// Where the blocks are: the shadow map, and the table for what does not fit it.
-#[derive(Default)]
 pub struct Blocks {
     /// Regions in use, found by a linear search: there are few, and the last one found is
     /// nearly always the one wanted, so it is kept first.
@@ -217,15 +216,16 @@ pub struct Blocks {
     table: BlockTable,
     /// The (scope mask, epoch) pairs blocks carry, interned: word class `i + 1` is `classes[i]`.
     classes: Vec<(ScopeMask, u32)>,
-    /// `counting[i]`: the open scopes that count a block of class `i + 1`. Kept as scopes
-    /// close, so a free finds them with one load instead of checking each scope's epoch.
-    counting: Vec<ScopeMask>,
+    /// `counting[c]`: the open scopes that count a block of word class `c` (none for an empty
+    /// word). Kept as scopes close, so a free finds them with one load instead of checking
+    /// each scope's epoch; one entry per value of a class byte, so the load needs no bounds
+    /// check.
+    counting: [ScopeMask; 256],
     /// The class interned last, as (mask, epoch, class): nearly every allocation's.
     last_class: (ScopeMask, u32, u64),
     /// The open scopes and the epoch each was opened at.
     open: ScopeMask,
     epochs: [u32; MAX_SCOPES],
-    len: usize,
     /// Clean leaves, for whichever region needs one next.
     spare: Vec<Leaf>,
     /// The leaves in use, as (region key, leaf index): what `clear` visits.
@@ -289,13 +289,41 @@ fn new_leaf<'a>(
     empty.insert(spare.pop().unwrap_or_else(Leaf::new))
 }
 
+impl Default for Blocks {
+    fn default() -> Self {
+        Blocks {
+            regions: Vec::new(),
+            table: BlockTable::default(),
+            classes: Vec::new(),
+            counting: [0; 256],
+            last_class: (0, 0, 0),
+            open: 0,
+            epochs: [0; MAX_SCOPES],
+            spare: Vec::new(),
+            in_use: Vec::new(),
+        }
+    }
+}
+
 impl Blocks {
+    /// How many blocks there are, counted word by word (the hooks keep no count): for tests.
     pub fn len(&self) -> usize {
-        self.len
+        // A word of class IN_TABLE stands for a block the table counts.
+        let in_words = |leaf: &Leaf| {
+            let class = |word: &&u64| *word >> CLASS_SHIFT;
+            let dirty = leaf.words.chunks(1 << CHUNK_BITS).enumerate();
+            dirty
+                .filter(|(chunk, _)| leaf.dirty & 1 << chunk != 0)
+                .flat_map(|(_, words)| words)
+                .filter(|word| class(word) != 0 && class(word) != IN_TABLE)
+                .count()
+        };
+        let leaves = self.regions.iter().flat_map(|region| region.leaves.iter());
+        leaves.flatten().map(in_words).sum::<usize>() + self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Forgets every block. Up to [`KEEP_LEAVES`] leaves stay, cleaned, for the next scope.
@@ -311,10 +339,9 @@ impl Blocks {
         }
         self.regions.truncate(KEEP_REGIONS);
         self.table.reset();
+        self.counting[..=self.classes.len()].fill(0);
         self.classes.clear();
-        self.counting.clear();
         self.last_class = (0, 0, 0);
-        self.len = 0;
     }
 
     /// The open scopes, as bits by slot.
@@ -333,7 +360,7 @@ impl Blocks {
     pub fn scope_closed(&mut self, slot: usize) {
         let bit = 1 << slot;
         self.open &= !bit;
-        for counting in &mut self.counting {
+        for counting in &mut self.counting[..=self.classes.len()] {
             *counting &= !bit;
         }
     }
@@ -364,6 +391,12 @@ impl Blocks {
         Some(&mut leaf.words[word])
     }
 
+    /// The class of blocks allocated under `mask` at `epoch`, interned, for
+    /// [`Blocks::insert_new`]: [`IN_TABLE`] when the classes ran out.
+    pub fn class_of(&mut self, mask: ScopeMask, epoch: u32) -> u64 {
+        self.class(mask, epoch).unwrap_or(IN_TABLE)
+    }
+
     #[inline]
     fn class(&mut self, mask: ScopeMask, epoch: u32) -> Option<u64> {
         let (last_mask, last_epoch, class) = self.last_class;
@@ -388,7 +421,7 @@ impl Blocks {
                     ..Block::EMPTY
                 });
                 self.classes.push((mask, epoch));
-                self.counting.push(counting);
+                self.counting[self.classes.len()] = counting;
                 self.classes.len() - 1
             }
             None => return None,
@@ -419,13 +452,14 @@ impl Blocks {
         }
     }
 
-    /// Inserts a block into an empty word of the shadow map: an allocation's hot path. Returns
-    /// false, having recorded nothing, when the block needs [`Blocks::insert`]: the address or
-    /// the figures do not fit a word, or the word is taken (a free no hook saw).
+    /// Inserts a block of `class` ([`Blocks::class_of`]) into an empty word of the shadow map:
+    /// an allocation's hot path. Returns false, having recorded nothing, when the block needs
+    /// [`Blocks::insert`]: the address or the figures do not fit a word, or the word is taken
+    /// (a free no hook saw).
     #[inline(always)]
-    pub fn insert_new(&mut self, address: usize, block: &Block) -> bool {
-        let packed = self.pack(block);
-        if packed >> CLASS_SHIFT == IN_TABLE {
+    pub fn insert_new(&mut self, address: usize, size: usize, site: SiteId, class: u64) -> bool {
+        let fits = (size as u64) >> SIZE_BITS == 0 && site >> SITE_BITS == 0 && class != IN_TABLE;
+        if !fits {
             return false;
         }
         let Some(word) = self.word_mut(address) else {
@@ -434,8 +468,7 @@ impl Blocks {
         if *word != 0 {
             return false;
         }
-        *word = packed;
-        self.len += 1;
+        *word = size as u64 | u64::from(site) << SIZE_BITS | class << CLASS_SHIFT;
         true
     }
 
@@ -443,20 +476,12 @@ impl Blocks {
     pub fn insert(&mut self, address: usize, block: Block) -> Option<Block> {
         let packed = self.pack(&block);
         let Some(word) = self.word_mut(address) else {
-            let old = self.table.insert(address, block);
-            return self.finish_insert(old);
+            return self.table.insert(address, block);
         };
         let old = std::mem::replace(word, packed);
         let old = self.take(address, old);
         if packed >> CLASS_SHIFT == IN_TABLE {
             self.table.insert(address, block);
-        }
-        self.finish_insert(old)
-    }
-
-    fn finish_insert(&mut self, old: Option<Block>) -> Option<Block> {
-        if old.is_none() {
-            self.len += 1;
         }
         old
     }
@@ -482,43 +507,33 @@ impl Blocks {
         }
     }
 
-    /// Removes a block, for a free: its size, its site and the open scopes that count it;
-    /// `(0, 0, 0)` when there is no such block.
+    /// Removes a block, for a free: its size, its site and the open scopes that count it (none
+    /// when there is no such block: an empty word's class counts nowhere).
     #[inline(always)]
     pub fn remove_counted(&mut self, address: usize) -> (u64, SiteId, ScopeMask) {
         let word = self.take_word(address);
-        match word >> CLASS_SHIFT {
-            0 => (0, NATIVE_SITE, 0),
-            IN_TABLE => self.remove_from_table(address),
-            class => {
-                self.len -= 1;
-                (
-                    word & ((1 << SIZE_BITS) - 1),
-                    ((word >> SIZE_BITS) & ((1 << SITE_BITS) - 1)) as SiteId,
-                    self.counting[class as usize - 1],
-                )
-            }
+        let class = word >> CLASS_SHIFT;
+        if class == IN_TABLE {
+            return self.remove_from_table(address);
         }
+        (
+            word & ((1 << SIZE_BITS) - 1),
+            ((word >> SIZE_BITS) & ((1 << SITE_BITS) - 1)) as SiteId,
+            self.counting[class as usize],
+        )
     }
 
     #[cold]
     fn remove_from_table(&mut self, address: usize) -> (u64, SiteId, ScopeMask) {
         match self.table.remove(address) {
-            Some(block) => {
-                self.len -= 1;
-                (block.size as u64, block.site, self.counting(&block))
-            }
+            Some(block) => (block.size as u64, block.site, self.counting(&block)),
             None => (0, NATIVE_SITE, 0),
         }
     }
 
     pub fn remove(&mut self, address: usize) -> Option<Block> {
         let word = self.take_word(address);
-        let old = self.take(address, word);
-        if old.is_some() {
-            self.len -= 1;
-        }
-        old
+        self.take(address, word)
     }
 }
 
@@ -632,8 +647,8 @@ mod tests {
                 } else {
                     proptest::prop_assert_eq!(blocks.insert(address, block), model.insert(address, block));
                 }
-                proptest::prop_assert_eq!(blocks.len(), model.len());
             }
+            proptest::prop_assert_eq!(blocks.len(), model.len());
         }
 
         /// The table agrees with `HashMap` through growth and any mix of inserts and removes,

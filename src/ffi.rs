@@ -86,14 +86,14 @@ mod python {
     use std::cell::{Cell, UnsafeCell};
     use std::ffi::{c_char, c_int, c_void, CStr};
     use std::ops::{Deref, DerefMut};
-    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering::*};
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
 
     use pyo3::ffi;
     use pyo3::prelude::*;
     use pyo3::types::PyCapsule;
 
     use super::current_thread_id;
-    use crate::tracker::{FastMap, ScopeMask, SiteId, Tracker, NATIVE_SITE};
+    use crate::tracker::{FastMap, Membership, ScopeMask, SiteId, Tracker, NATIVE_SITE};
 
     // ----- engine state -----
 
@@ -105,14 +105,28 @@ mod python {
     // SAFETY: the pointer is only dereferenced (refcounts, attributes) with the GIL held.
     unsafe impl Send for CodeRef {}
 
-    /// Entries in the direct-mapped cache in front of the site index: a program allocates from
-    /// few sites at a time, and the cache answers most lookups with one compare.
+    /// Where the innermost Python frame is, as the hooks find it: its code object (borrowed)
+    /// and either its instruction pointer (read from the frame) or the offset the public API
+    /// gives.
+    #[derive(Clone, Copy)]
+    enum RawSite {
+        /// An instruction pointer: an address inside the code object's bytecode (3.11+), so it
+        /// alone tells code object and instruction apart while the code object lives.
+        Instruction(*mut ffi::PyObject, usize),
+        Offset(*mut ffi::PyObject, c_int),
+    }
+
+    /// Entries in the direct-mapped cache in front of the site index, keyed by instruction
+    /// pointer: a program allocates from few sites at a time, and the cache answers most
+    /// lookups with one compare.
     const SITE_CACHE: usize = 256;
 
     struct SiteTable {
         index: FastMap<(usize, c_int), SiteId>,
-        /// Entries whose id is [`NATIVE_SITE`] are empty.
-        cache: [(usize, c_int, SiteId); SITE_CACHE],
+        /// (instruction pointer, site). Entries whose id is [`NATIVE_SITE`] are empty. An
+        /// entry's code object is one of `sites`', which holds a reference to it: its bytecode
+        /// stays where it is, and no other code object's can take its place.
+        cache: [(usize, SiteId); SITE_CACHE],
         /// `sites[i - 1]` is site `i`; site 0 is "no Python frame".
         sites: Vec<(CodeRef, c_int)>,
     }
@@ -121,7 +135,7 @@ mod python {
         fn default() -> Self {
             SiteTable {
                 index: FastMap::default(),
-                cache: [(0, 0, NATIVE_SITE); SITE_CACHE],
+                cache: [(0, NATIVE_SITE); SITE_CACHE],
                 sites: Vec::new(),
             }
         }
@@ -130,33 +144,48 @@ mod python {
     impl SiteTable {
         /// `site`'s code object is borrowed; the table takes a reference when it adds a site.
         #[inline(always)]
-        fn intern(&mut self, site: Option<(*mut ffi::PyObject, c_int)>) -> SiteId {
-            let Some((code, offset)) = site else {
-                return NATIVE_SITE;
-            };
-            let key = (code as usize, offset);
-            let slot = ((key.0 as u64 ^ (key.1 as u64).rotate_left(32))
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                >> (64 - SITE_CACHE.trailing_zeros())) as usize;
-            let cached = self.cache[slot];
-            if (cached.0, cached.1) == key && cached.2 != NATIVE_SITE {
-                return cached.2;
+        fn intern(&mut self, site: Option<RawSite>) -> SiteId {
+            match site {
+                None => NATIVE_SITE,
+                Some(RawSite::Instruction(code, instruction)) => {
+                    // Instructions are 2-byte aligned; the multiply's high bits index.
+                    let slot = ((instruction as u64 >> 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        >> (64 - SITE_CACHE.trailing_zeros()))
+                        as usize;
+                    let (key, id) = self.cache[slot];
+                    if key == instruction && id != NATIVE_SITE {
+                        return id;
+                    }
+                    self.intern_instruction(code, instruction, slot)
+                }
+                Some(RawSite::Offset(code, offset)) => self.intern_slowly(code, offset),
             }
-            self.intern_slowly(code, offset, slot)
         }
 
-        /// [`SiteTable::intern`] past the cache: the index, or a new site.
+        /// [`SiteTable::intern`] of an instruction pointer past the cache.
         #[cold]
         #[inline(never)]
-        fn intern_slowly(
+        fn intern_instruction(
             &mut self,
             code: *mut ffi::PyObject,
-            offset: c_int,
+            instruction: usize,
             slot: usize,
         ) -> SiteId {
+            #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+            let offset = frames::offset(code, instruction);
+            #[cfg(not(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED))))]
+            let offset = -1;
+            let id = self.intern_slowly(code, offset);
+            self.cache[slot] = (instruction, id);
+            id
+        }
+
+        /// The site of `offset` in `code`: from the index, or a new one.
+        #[cold]
+        #[inline(never)]
+        fn intern_slowly(&mut self, code: *mut ffi::PyObject, offset: c_int) -> SiteId {
             let key = (code as usize, offset);
             if let Some(&id) = self.index.get(&key) {
-                self.cache[slot] = (key.0, key.1, id);
                 return id;
             }
             // SAFETY: the GIL is held (there is a frame) and the frame holds the code object.
@@ -164,7 +193,6 @@ mod python {
             self.sites.push((CodeRef(code), offset));
             let id = self.sites.len() as SiteId;
             self.index.insert(key, id);
-            self.cache[slot] = (key.0, key.1, id);
             id
         }
     }
@@ -389,14 +417,14 @@ mod python {
     /// pass through. pymalloc hands requests over 512 bytes to the raw domain, whose hook sees
     /// this flag and that it holds the GIL, and leaves the block to the outer hook.
     static GIL_BUSY: AtomicBool = AtomicBool::new(false);
-    /// The thread state whose scope mask is cached, and the mask; a scope opening or closing
-    /// clears it. A thread state's memory is freed through the raw domain, whose hook clears
+    /// The thread state whose [`Membership`] is cached, and the membership; a scope opening or
+    /// closing clears it. A thread state's memory is freed through the raw domain, whose hook clears
     /// the cache if it was that thread's: a new thread given the same address recomputes.
     /// (A thread started by `threading` never meets a stale entry, since its parent allocates
     /// after making its thread state; a C thread entering Python through PyGILState_Ensure
     /// makes its own and could.)
     static GIL_THREAD: AtomicUsize = AtomicUsize::new(0);
-    static GIL_MASK: AtomicU32 = AtomicU32::new(0);
+    static GIL_MEMBERSHIP: AtomicU64 = AtomicU64::new(0);
 
     fn gil_thread_state() -> usize {
         // SAFETY: reads the current thread state; the GIL holder has one.
@@ -417,23 +445,25 @@ mod python {
         WithoutGil,
     }
 
-    /// The GIL holder's cached scope mask, when it is this thread state's and no scope opened
+    /// The GIL holder's cached membership, when it is this thread state's and no scope opened
     /// or closed since it was computed.
     ///
     /// `tstate`: [`gil_thread_state`], read once per hook.
     #[inline(always)]
-    fn cached_gil_mask(tstate: usize) -> Option<ScopeMask> {
-        (tstate != 0 && GIL_THREAD.load(Relaxed) == tstate).then(|| GIL_MASK.load(Relaxed))
+    fn cached_membership(tstate: usize) -> Option<Membership> {
+        (tstate != 0 && GIL_THREAD.load(Relaxed) == tstate)
+            .then(|| Membership::from_bits(GIL_MEMBERSHIP.load(Relaxed)))
     }
 
-    /// Recomputes the GIL holder's scope mask (a scope opened or closed, or another thread).
+    /// Recomputes the GIL holder's membership (a scope opened or closed, or another thread).
     #[cold]
     #[inline(never)]
-    fn refresh_gil_mask(engine: &Engine, tstate: usize) -> ScopeMask {
+    fn refresh_membership(engine: &mut Engine, tstate: usize) -> Membership {
         let mask = engine.tracker.membership(current_thread_id());
-        GIL_MASK.store(mask, Relaxed);
+        let membership = engine.tracker.classify(mask);
+        GIL_MEMBERSHIP.store(membership.to_bits(), Relaxed);
         GIL_THREAD.store(tstate, Relaxed);
-        mask
+        membership
     }
 
     /// Runs `traced` with the caller's busy flag set, or `untraced` for a nested call (or a
@@ -482,17 +512,18 @@ mod python {
     /// The caller holds the GIL, `tstate` is its thread state, and [`GIL_BUSY`] is set (the
     /// public API may allocate a frame object: that is the engine's, not counted).
     #[inline(always)]
-    unsafe fn current_site(tstate: usize) -> Option<(*mut ffi::PyObject, c_int)> {
+    unsafe fn current_site(tstate: usize) -> Option<RawSite> {
         if tstate == 0 {
             return None;
         }
         #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
-        if let Some(code_offset) = frames::validated() {
+        if frames::validated().is_some() {
             // SAFETY: the GIL is held and the layout was checked against the public API.
-            return unsafe { frames::innermost(tstate as *const u8, code_offset) };
+            let (code, instruction) = unsafe { frames::walk(tstate as *const u8) }?;
+            return Some(RawSite::Instruction(code, instruction));
         }
         // SAFETY: the GIL is held.
-        unsafe { public_site() }
+        unsafe { public_site() }.map(|(code, offset)| RawSite::Offset(code, offset))
     }
 
     /// [`current_site`] through the public API. Since 3.11 this makes a frame object for the
@@ -593,7 +624,7 @@ mod python {
         /// # Safety
         /// The GIL is held and the layouts are right for this interpreter.
         #[inline(always)]
-        unsafe fn walk(tstate: *const u8) -> Option<(*mut ffi::PyObject, usize)> {
+        pub(super) unsafe fn walk(tstate: *const u8) -> Option<(*mut ffi::PyObject, usize)> {
             // SAFETY: `tstate` is the thread state of the GIL holder; the reads follow the
             // layouts of this version, and each pointer is checked before it is followed.
             unsafe {
@@ -609,7 +640,8 @@ mod python {
                 }
                 let (code_at, previous_at, instr_at, owner_at) = FRAME;
                 while !frame.is_null() {
-                    if read::<u8>(frame, owner_at) != OWNED_BY_CSTACK {
+                    // Up to 3.11 every frame holds Python code: no frame is the C stack's.
+                    if cfg!(not(Py_3_12)) || read::<u8>(frame, owner_at) != OWNED_BY_CSTACK {
                         let code: *mut ffi::PyObject = read(frame, code_at);
                         if is_code(code) {
                             return Some((code, read(frame, instr_at)));
@@ -621,18 +653,14 @@ mod python {
             }
         }
 
-        /// # Safety
-        /// `tstate` is the current thread state, which holds the GIL, and [`validated`]
-        /// returned `code_offset`.
-        #[inline(always)]
-        pub(super) unsafe fn innermost(
-            tstate: *const u8,
-            code_offset: isize,
-        ) -> Option<(*mut ffi::PyObject, c_int)> {
-            // SAFETY: as the caller promises.
-            let (code, instr) = unsafe { walk(tstate) }?;
-            let lasti = instr as isize - code as isize - code_offset;
-            Some((code, c_int::try_from(lasti).unwrap_or(-1)))
+        /// `PyFrame_GetLasti`'s byte offset for an instruction pointer of `code`, once the
+        /// layouts are [`validated`] (-1 before).
+        pub(super) fn offset(code: *mut ffi::PyObject, instruction: usize) -> c_int {
+            let Some(code_offset) = validated() else {
+                return -1;
+            };
+            let lasti = instruction as isize - code as isize - code_offset;
+            c_int::try_from(lasti).unwrap_or(-1)
         }
 
         /// Checks the layouts against the public API on the calling Python frame, once:
@@ -673,8 +701,8 @@ mod python {
             });
         }
         let tstate = gil_thread_state();
-        let cached = cached_gil_mask(tstate);
-        if cached == Some(0) {
+        let cached = cached_membership(tstate);
+        if cached.is_some_and(|membership| membership.mask == 0) {
             return; // No open scope follows this thread.
         }
         let site = if SITES_WANTED.load(Relaxed) {
@@ -687,9 +715,11 @@ mod python {
         let Some(engine) = (unsafe { engine() }) else {
             return;
         };
-        let mask = cached.unwrap_or_else(|| refresh_gil_mask(engine, tstate));
+        let membership = cached.unwrap_or_else(|| refresh_membership(engine, tstate));
         let site = engine.sites.intern(site);
-        engine.tracker.on_alloc(address as usize, size, site, mask);
+        engine
+            .tracker
+            .on_alloc_as(address as usize, size, site, membership);
     }
 
     #[inline(always)]
@@ -914,10 +944,14 @@ mod python {
     }
 
     extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, address: *mut c_void) {
-        let original = &ORIGINALS[D];
-        // SAFETY: the free field holds a FreeFn.
-        let (ctx, free) = unsafe { original.get::<FreeFn>(&original.free) };
-        traced_free(address, D != RAW, || free(ctx, address))
+        // The wrapped free is looked up when called, after the block is forgotten: fewer values
+        // live across the engine's work, fewer registers saved.
+        traced_free(address, D != RAW, || {
+            let original = &ORIGINALS[D];
+            // SAFETY: the free field holds a FreeFn.
+            let (ctx, free) = unsafe { original.get::<FreeFn>(&original.free) };
+            free(ctx, address)
+        })
     }
 
     fn hooks<const D: usize>(ctx: *mut c_void) -> ffi::PyMemAllocatorEx {

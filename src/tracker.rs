@@ -21,6 +21,29 @@ pub const NATIVE_SITE: SiteId = 0;
 /// The bit set of open scopes: bit `i` is scope slot `i`.
 pub type ScopeMask = u32;
 
+/// The open scopes that follow a thread, with the class its new blocks are filed under in the
+/// shadow map: what the hooks cache for the thread that holds the GIL. Valid until a scope
+/// opens or closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    pub mask: ScopeMask,
+    class: u8,
+}
+
+impl Membership {
+    /// As one word, for an atomic.
+    pub fn to_bits(self) -> u64 {
+        u64::from(self.mask) | u64::from(self.class) << 32
+    }
+
+    pub fn from_bits(bits: u64) -> Self {
+        Membership {
+            mask: bits as ScopeMask,
+            class: (bits >> 32) as u8,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Block {
     pub size: usize,
@@ -299,20 +322,44 @@ impl Tracker {
             .fold(0, |mask, slot| mask | (1 << slot))
     }
 
-    /// Records a new block allocated by a thread that the scopes in `mask` follow.
-    #[inline(always)]
-    pub fn on_alloc(&mut self, address: usize, size: usize, site: SiteId, mask: ScopeMask) {
+    /// `mask` (open scopes, say from [`Tracker::membership`]) with the class of the blocks
+    /// allocated under it.
+    pub fn classify(&mut self, mask: ScopeMask) -> Membership {
         let mask = mask & self.open_mask();
+        let class = if mask == 0 {
+            0
+        } else {
+            self.blocks.class_of(mask, self.epochs_opened) as u8
+        };
+        Membership { mask, class }
+    }
+
+    /// Records a new block allocated by a thread that the scopes in `mask` follow.
+    pub fn on_alloc(&mut self, address: usize, size: usize, site: SiteId, mask: ScopeMask) {
+        let membership = self.classify(mask);
+        self.on_alloc_as(address, size, site, membership);
+    }
+
+    /// [`Tracker::on_alloc`] with the mask classified already: the hooks' path.
+    #[inline(always)]
+    pub fn on_alloc_as(&mut self, address: usize, size: usize, site: SiteId, member: Membership) {
+        let mask = member.mask;
         if mask == 0 {
             return;
         }
-        let block = Block {
-            size,
-            epoch: self.epochs_opened,
-            site,
-            mask,
-        };
-        if !self.blocks.insert_new(address, &block) {
+        debug_assert_eq!(
+            member,
+            self.classify(mask),
+            "a membership from before a scope opened or closed"
+        );
+        let class = u64::from(member.class);
+        if !self.blocks.insert_new(address, size, site, class) {
+            let block = Block {
+                size,
+                epoch: self.epochs_opened,
+                site,
+                mask,
+            };
             self.insert_block(address, block);
         }
         self.each_scope(mask, |scope| scope.count_alloc(size as u64, site));
