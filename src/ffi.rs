@@ -86,7 +86,7 @@ mod python {
     use std::cell::{Cell, UnsafeCell};
     use std::ffi::{c_char, c_int, c_void, CStr};
     use std::ops::{Deref, DerefMut};
-    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::*};
+    use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering::*};
 
     use pyo3::ffi;
     use pyo3::prelude::*;
@@ -112,6 +112,10 @@ mod python {
     enum RawSite {
         /// An instruction pointer: an address inside the code object's bytecode (3.11+), so it
         /// alone tells code object and instruction apart while the code object lives.
+        #[cfg_attr(
+            not(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED))),
+            allow(dead_code)
+        )]
         Instruction(*mut ffi::PyObject, usize),
         Offset(*mut ffi::PyObject, c_int),
     }
@@ -308,10 +312,24 @@ mod python {
         value: UnsafeCell::new(Vec::new()),
     };
     static HAS_PENDING: AtomicBool = AtomicBool::new(false);
-    /// True while a scope is open: the hooks do nothing else when it is false.
-    static ACTIVE: AtomicBool = AtomicBool::new(false);
-    /// True while an open scope reports sites.
-    static SITES_WANTED: AtomicBool = AtomicBool::new(false);
+    /// The hooks' state, the first thing every hook reads: [`ACTIVE`] and [`GIL_BUSY`]. Only
+    /// the thread that holds the GIL writes it, so a load and a store need no atomic
+    /// read-modify-write; threads without the GIL read only [`ACTIVE`].
+    static HOOKS: AtomicU8 = AtomicU8::new(0);
+    /// Set while a scope is open: the hooks do nothing else when it is clear.
+    const ACTIVE: u8 = 1;
+    /// Set while the GIL holder is inside a hook or the engine's own work: nested allocations
+    /// pass through. pymalloc hands requests over 512 bytes to the raw domain, whose hook sees
+    /// this flag and that it holds the GIL, and leaves the block to the outer hook.
+    const GIL_BUSY: u8 = 2;
+
+    /// How the hooks find allocation sites: [`SITES_NONE`] while no open scope reports sites,
+    /// else by reading the interpreter's frames ([`SITES_FRAMES`], once their layout checked
+    /// out) or through the public API.
+    static SITES: AtomicU8 = AtomicU8::new(SITES_NONE);
+    const SITES_NONE: u8 = 0;
+    const SITES_FRAMES: u8 = 1;
+    const SITES_PUBLIC: u8 = 2;
 
     /// The engine, with the events queued by threads without the GIL applied.
     ///
@@ -413,10 +431,6 @@ mod python {
     // written only by the GIL holder, which costs less than a thread-local (a `__tls_get_addr`
     // call from a shared library). Hooks called without the GIL keep a thread-local.
 
-    /// Set while the GIL holder is inside a hook or the engine's own work: nested allocations
-    /// pass through. pymalloc hands requests over 512 bytes to the raw domain, whose hook sees
-    /// this flag and that it holds the GIL, and leaves the block to the outer hook.
-    static GIL_BUSY: AtomicBool = AtomicBool::new(false);
     /// The thread state whose [`Membership`] is cached, and the membership; a scope opening or
     /// closing clears it. A thread state's memory is freed through the raw domain, whose hook clears
     /// the cache if it was that thread's: a new thread given the same address recomputes.
@@ -466,27 +480,32 @@ mod python {
         membership
     }
 
-    /// Runs `traced` with the caller's busy flag set, or `untraced` for a nested call (or a
-    /// thread being torn down). `gil_domain`: the hook is the mem or object domain's, always
-    /// called with the GIL; other hooks find out.
+    /// Runs `traced` with the caller's busy flag set, or `untraced` when tracing is off, for a
+    /// nested call, or for a thread being torn down. `gil_domain`: the hook is the mem or
+    /// object domain's, always called with the GIL; other hooks find out.
     #[inline(always)]
     fn enter<R>(
         gil_domain: bool,
         traced: impl FnOnce(Caller) -> R,
         untraced: impl FnOnce() -> R,
     ) -> R {
+        let state = HOOKS.load(Relaxed);
+        if state & ACTIVE == 0 {
+            return untraced();
+        }
         let holds_gil = if gil_domain {
             gil_domain_holds_gil()
         } else {
             holds_gil()
         };
         if holds_gil {
-            if GIL_BUSY.load(Relaxed) {
+            if state & GIL_BUSY != 0 {
                 return untraced();
             }
-            GIL_BUSY.store(true, Relaxed);
+            HOOKS.store(ACTIVE | GIL_BUSY, Relaxed);
             let result = traced(Caller::GilHolder);
-            GIL_BUSY.store(false, Relaxed);
+            // Nothing a hook runs opens or closes a scope: tracing is still on.
+            HOOKS.store(ACTIVE, Relaxed);
             return result;
         }
         let busy = BUSY.try_with(|busy| busy.replace(true));
@@ -500,9 +519,11 @@ mod python {
 
     /// Runs `f` with this thread's allocations untraced: for the engine's own work.
     pub fn untraced<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
-        let was_gil_busy = GIL_BUSY.swap(true, Relaxed);
+        let busy_before = HOOKS.load(Relaxed) & GIL_BUSY;
+        HOOKS.store(HOOKS.load(Relaxed) | GIL_BUSY, Relaxed);
         let result = f();
-        GIL_BUSY.store(was_gil_busy, Relaxed);
+        // `f` may have turned tracing on or off: only the busy flag is put back.
+        HOOKS.store(HOOKS.load(Relaxed) & !GIL_BUSY | busy_before, Relaxed);
         result
     }
 
@@ -513,11 +534,12 @@ mod python {
     /// public API may allocate a frame object: that is the engine's, not counted).
     #[inline(always)]
     unsafe fn current_site(tstate: usize) -> Option<RawSite> {
-        if tstate == 0 {
+        let mode = SITES.load(Relaxed);
+        if mode == SITES_NONE || tstate == 0 {
             return None;
         }
         #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
-        if frames::validated().is_some() {
+        if mode == SITES_FRAMES {
             // SAFETY: the GIL is held and the layout was checked against the public API.
             let (code, instruction) = unsafe { frames::walk(tstate as *const u8) }?;
             return Some(RawSite::Instruction(code, instruction));
@@ -705,12 +727,8 @@ mod python {
         if cached.is_some_and(|membership| membership.mask == 0) {
             return; // No open scope follows this thread.
         }
-        let site = if SITES_WANTED.load(Relaxed) {
-            // SAFETY: the caller holds the GIL and `tstate` is its thread state.
-            unsafe { current_site(tstate) }
-        } else {
-            None
-        };
+        // SAFETY: the caller holds the GIL and `tstate` is its thread state.
+        let site = unsafe { current_site(tstate) };
         // SAFETY: the caller holds the GIL, and its busy flag keeps nested hooks out.
         let Some(engine) = (unsafe { engine() }) else {
             return;
@@ -742,9 +760,6 @@ mod python {
         gil_domain: bool,
         allocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
-        if !ACTIVE.load(Relaxed) {
-            return allocate();
-        }
         enter(
             gil_domain,
             |caller| {
@@ -765,9 +780,6 @@ mod python {
         gil_domain: bool,
         reallocate: impl Fn() -> *mut c_void,
     ) -> *mut c_void {
-        if !ACTIVE.load(Relaxed) {
-            return reallocate();
-        }
         enter(
             gil_domain,
             |caller| {
@@ -810,7 +822,7 @@ mod python {
             // A thread state is freed here (a thread ended): a new thread may get its address.
             let _ = GIL_THREAD.compare_exchange(address as usize, 0, Relaxed, Relaxed);
         }
-        if !ACTIVE.load(Relaxed) || address.is_null() {
+        if address.is_null() {
             return release();
         }
         enter(
@@ -1163,17 +1175,41 @@ mod python {
 
     // ----- the engine's interface -----
 
+    /// Whether the hooks may read the interpreter's frames (their layout checked out).
+    fn frames_validated() -> bool {
+        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        return frames::validated().is_some();
+        #[cfg(not(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED))))]
+        return false;
+    }
+
     /// Starts tracing if it is not running (installs the hooks) and runs `f` on the engine.
     pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -> R {
+        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        // SAFETY: the token says the GIL is held.
+        untraced(py, || unsafe { frames::validate() });
         let result = untraced(py, || {
             // SAFETY: the token says the GIL is held, and `untraced` keeps nested hooks out.
             let engine = unsafe { engine() }.get_or_insert_with(Engine::default);
             let result = f(engine);
             let idle = engine.tracker.is_idle();
-            SITES_WANTED.store(engine.wants_sites(), Relaxed);
-            // The GIL holder's cached mask is stale.
+            let sites = match (engine.wants_sites(), frames_validated()) {
+                (false, _) => SITES_NONE,
+                (true, true) => SITES_FRAMES,
+                (true, false) => SITES_PUBLIC,
+            };
+            SITES.store(sites, Relaxed);
+            // The GIL holder's cached membership is stale.
             GIL_THREAD.store(0, Relaxed);
-            ACTIVE.store(!idle, Release);
+            let state = HOOKS.load(Relaxed);
+            HOOKS.store(
+                if idle {
+                    state & !ACTIVE
+                } else {
+                    state | ACTIVE
+                },
+                Release,
+            );
             (result, idle)
         });
         let (result, idle) = result;
@@ -1181,9 +1217,6 @@ mod python {
             uninstall_pymem_hooks(py);
             unpatch_numpy(py);
         } else {
-            #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
-            // SAFETY: the token says the GIL is held.
-            untraced(py, || unsafe { frames::validate() });
             #[cfg(Py_3_12)]
             // SAFETY: the token says the GIL is held.
             MAIN_INTERPRETER.store(unsafe { ffi::PyInterpreterState_Main() }, Relaxed);
