@@ -909,13 +909,13 @@ mod python {
         /// calls.
         ///
         /// # Safety
-        /// `F` is the fn pointer type of the field `function` is.
+        /// `F` is the fn pointer type of the field `function` is, and our hook of this domain
+        /// is installed: its allocator was stored, all four functions set
+        /// ([`install_pymem_hooks`] installs no hook otherwise).
         #[inline(always)]
         unsafe fn get<F: Copy>(&self, function: &AtomicUsize) -> (*mut c_void, F) {
             let address = function.load(Relaxed);
-            // CPython always fills all four functions of an allocator, and they were stored
-            // before any hook that reads them was installed, so this cannot fire.
-            assert!(address != 0, "allocator function missing");
+            debug_assert_ne!(address, 0, "allocator function missing");
             // SAFETY: `address` was stored from a non-null fn pointer of type `F` (the
             // caller's promise); fn pointers and usize have the same size.
             (self.ctx.load(Relaxed), unsafe {
@@ -926,7 +926,7 @@ mod python {
 
     extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
         let original = &ORIGINALS[D];
-        // SAFETY: the malloc field holds a MallocFn.
+        // SAFETY: the malloc field holds a MallocFn, and this hook is installed.
         let (ctx, malloc) = unsafe { original.get::<MallocFn>(&original.malloc) };
         traced_alloc(size, D != RAW, || malloc(ctx, size))
     }
@@ -937,7 +937,7 @@ mod python {
         size: usize,
     ) -> *mut c_void {
         let original = &ORIGINALS[D];
-        // SAFETY: the calloc field holds a CallocFn.
+        // SAFETY: the calloc field holds a CallocFn, and this hook is installed.
         let (ctx, calloc) = unsafe { original.get::<CallocFn>(&original.calloc) };
         traced_alloc(count.saturating_mul(size), D != RAW, || {
             calloc(ctx, count, size)
@@ -950,7 +950,7 @@ mod python {
         new_size: usize,
     ) -> *mut c_void {
         let original = &ORIGINALS[D];
-        // SAFETY: the realloc field holds a ReallocFn.
+        // SAFETY: the realloc field holds a ReallocFn, and this hook is installed.
         let (ctx, realloc) = unsafe { original.get::<ReallocFn>(&original.realloc) };
         traced_realloc(old, new_size, D != RAW, || realloc(ctx, old, new_size))
     }
@@ -960,7 +960,7 @@ mod python {
         // live across the engine's work, fewer registers saved.
         traced_free(address, D != RAW, || {
             let original = &ORIGINALS[D];
-            // SAFETY: the free field holds a FreeFn.
+            // SAFETY: the free field holds a FreeFn, and this hook is installed.
             let (ctx, free) = unsafe { original.get::<FreeFn>(&original.free) };
             free(ctx, address)
         })
@@ -997,6 +997,15 @@ mod python {
                 continue;
             }
             let current = current_allocator(domain);
+            let complete = current.malloc.is_some()
+                && current.calloc.is_some()
+                && current.realloc.is_some()
+                && current.free.is_some();
+            if !complete {
+                // Not a valid allocator (the C API wants all four): leave the domain untraced
+                // rather than wrap a hole.
+                continue;
+            }
             ORIGINALS[domain].store(&current);
             let mut ours = our_hooks(domain, current.ctx);
             // SAFETY: the GIL is held; our hooks wrap the allocator that was installed, which

@@ -111,16 +111,19 @@ impl ScopeState {
     #[inline(always)]
     fn site(&mut self, site: SiteId) -> &mut SiteCounter {
         let index = site as usize;
-        if index >= self.sites.len() {
-            self.grow_sites(index);
-        }
         let peak_version = self.peak_version;
-        self.sites[index].touch(peak_version)
+        // One bounds check: a site not seen yet takes the cold path.
+        if index < self.sites.len() {
+            return self.sites[index].touch(peak_version);
+        }
+        self.new_site(index).touch(peak_version)
     }
 
     #[cold]
-    fn grow_sites(&mut self, index: usize) {
+    #[inline(never)]
+    fn new_site(&mut self, index: usize) -> &mut SiteCounter {
         self.sites.resize(index + 1, SiteCounter::default());
+        &mut self.sites[index]
     }
 
     #[inline]
