@@ -156,6 +156,8 @@ const GRANULE_BITS: u32 = 4;
 const LEAF_BITS: u32 = 16;
 /// Leaves per region: a region covers 4 GiB; a process uses a few.
 const REGION_BITS: u32 = 12;
+/// Regions in the top table: the 48-bit address space.
+const TOP_BITS: u32 = 48 - GRANULE_BITS - LEAF_BITS - REGION_BITS;
 
 const SIZE_BITS: u32 = 36;
 const SITE_BITS: u32 = 20;
@@ -171,7 +173,7 @@ const CHUNK_BITS: u32 = 10;
 /// test's whole measurement. (A pytest call phase touches about 20; a kept leaf holds only the
 /// pages that were written, zeroed.)
 const KEEP_LEAVES: usize = 64;
-/// Regions kept (empty) when the last scope closes: each is a 128 KiB table of leaves.
+/// Regions kept (empty) when the last scope closes: each is a 64 KiB table of leaves.
 const KEEP_REGIONS: usize = 8;
 
 struct Leaf {
@@ -203,16 +205,19 @@ impl Leaf {
     }
 }
 
-struct Region {
-    key: u64,
-    leaves: Box<[Option<Leaf>; 1 << REGION_BITS]>,
-}
+/// A region's leaves, by index.
+type Region = [Option<Leaf>; 1 << REGION_BITS];
 
 /// Where the blocks are: the shadow map, and the table for what does not fit it.
 pub struct Blocks {
-    /// Regions in use, found by a linear search: there are few, and the last one found is
-    /// nearly always the one wanted, so it is kept first.
-    regions: Vec<Region>,
+    /// Every region, by key (the address's bits 32 to 47): one load finds an address's region,
+    /// wherever it is. 512 KiB of address space, allocated zeroed, so only the pages of the
+    /// regions a process uses are ever touched. (A search of the few regions in use, the last
+    /// one found first, went to its slow path often when NumPy's buffers and the Python heap
+    /// lie in different regions.)
+    top: Box<[Option<Box<Region>>; 1 << TOP_BITS]>,
+    /// The keys of the regions made, what `clear` and `len` visit.
+    region_keys: Vec<usize>,
     table: BlockTable,
     /// The (scope mask, epoch) pairs blocks carry, interned: word class `i + 1` is `classes[i]`.
     classes: Vec<(ScopeMask, u32)>,
@@ -229,11 +234,12 @@ pub struct Blocks {
     /// Clean leaves, for whichever region needs one next.
     spare: Vec<Leaf>,
     /// The leaves in use, as (region key, leaf index): what `clear` visits.
-    in_use: Vec<(u64, usize)>,
+    in_use: Vec<(usize, usize)>,
 }
 
 /// Where an address's word is: region key, leaf and word index; `None` when it has none.
-fn word_index(address: usize) -> Option<(u64, usize, usize)> {
+#[inline(always)]
+fn word_index(address: usize) -> Option<(usize, usize, usize)> {
     let address = address as u64;
     if address & ((1 << GRANULE_BITS) - 1) != 0 || address >> 48 != 0 {
         return None;
@@ -241,48 +247,56 @@ fn word_index(address: usize) -> Option<(u64, usize, usize)> {
     let granule = address >> GRANULE_BITS;
     let word = (granule & ((1 << LEAF_BITS) - 1)) as usize;
     let leaf = ((granule >> LEAF_BITS) & ((1 << REGION_BITS) - 1)) as usize;
-    Some((granule >> (LEAF_BITS + REGION_BITS), leaf, word))
+    let key = (granule >> (LEAF_BITS + REGION_BITS)) & ((1 << TOP_BITS) - 1);
+    Some((key as usize, leaf, word))
 }
 
-/// The region `key` of `regions`, moved to the front; made when `create` is set. The front one
-/// is nearly always the one wanted, and that check inlines into the hooks.
-#[inline]
-fn region_in(regions: &mut Vec<Region>, key: u64, create: bool) -> Option<&mut Region> {
-    if regions.first().is_some_and(|region| region.key == key) {
-        return regions.first_mut();
-    }
-    find_region(regions, key, create)
+/// A region with no leaves, made on the heap (never on the stack: a hook may run on a thread
+/// with a small one).
+fn empty_region() -> Box<Region> {
+    (0..1 << REGION_BITS)
+        .map(|_| None)
+        .collect::<Box<[_]>>()
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("a region's length"))
 }
 
-#[cold]
-fn find_region(regions: &mut Vec<Region>, key: u64, create: bool) -> Option<&mut Region> {
-    match regions.iter().position(|region| region.key == key) {
-        Some(0) => {}
-        Some(index) => regions.swap(0, index),
-        None if create => {
-            regions.push(Region {
-                key,
-                leaves: (0..1 << REGION_BITS)
-                    .map(|_| None)
-                    .collect::<Box<[_]>>()
-                    .try_into()
-                    .unwrap_or_else(|_| unreachable!("a region's length")),
-            });
-            let last = regions.len() - 1;
-            regions.swap(0, last);
+/// The top table with no regions, as zeroed memory straight from the allocator: the kernel
+/// maps its pages only when they are written, so the 512 KiB cost a page per region used.
+fn empty_top() -> Box<[Option<Box<Region>>; 1 << TOP_BITS]> {
+    let layout = std::alloc::Layout::new::<[Option<Box<Region>>; 1 << TOP_BITS]>();
+    // SAFETY: the layout is the array's, and not zero-sized. All-zero bytes are an array of
+    // `None`s: `Option<Box<_>>` is guaranteed to represent `None` as the null pointer. The
+    // memory comes from the global allocator with this layout, as `Box::from_raw` needs.
+    unsafe {
+        let memory = std::alloc::alloc_zeroed(layout);
+        if memory.is_null() {
+            std::alloc::handle_alloc_error(layout);
         }
-        None => return None,
+        Box::from_raw(memory.cast())
     }
-    regions.first_mut()
+}
+
+/// Makes region `key`, in the empty place `empty`.
+#[cold]
+#[inline(never)]
+fn new_region<'a>(
+    empty: &'a mut Option<Box<Region>>,
+    region_keys: &mut Vec<usize>,
+    key: usize,
+) -> &'a mut Region {
+    region_keys.push(key);
+    empty.insert(empty_region())
 }
 
 /// Puts a leaf (a spare one if any) in the empty place `empty`, leaf `index` of region `key`.
 #[cold]
+#[inline(never)]
 fn new_leaf<'a>(
     empty: &'a mut Option<Leaf>,
-    in_use: &mut Vec<(u64, usize)>,
+    in_use: &mut Vec<(usize, usize)>,
     spare: &mut Vec<Leaf>,
-    key: u64,
+    key: usize,
     index: usize,
 ) -> &'a mut Leaf {
     in_use.push((key, index));
@@ -292,7 +306,8 @@ fn new_leaf<'a>(
 impl Default for Blocks {
     fn default() -> Self {
         Blocks {
-            regions: Vec::new(),
+            top: empty_top(),
+            region_keys: Vec::new(),
             table: BlockTable::default(),
             classes: Vec::new(),
             counting: [0; 256],
@@ -318,8 +333,12 @@ impl Blocks {
                 .filter(|word| class(word) != 0 && class(word) != IN_TABLE)
                 .count()
         };
-        let leaves = self.regions.iter().flat_map(|region| region.leaves.iter());
-        leaves.flatten().map(in_words).sum::<usize>() + self.table.len()
+        let regions = self
+            .region_keys
+            .iter()
+            .filter_map(|&key| self.top[key].as_ref());
+        let leaves = regions.flat_map(|region| region.iter().flatten());
+        leaves.map(in_words).sum::<usize>() + self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -329,15 +348,21 @@ impl Blocks {
     /// Forgets every block. Up to [`KEEP_LEAVES`] leaves stay, cleaned, for the next scope.
     pub fn clear(&mut self) {
         for (key, index) in self.in_use.drain(..) {
-            let region = region_in(&mut self.regions, key, false);
-            if let Some(mut leaf) = region.and_then(|region| region.leaves[index].take()) {
+            let region = self.top[key].as_mut();
+            if let Some(mut leaf) = region.and_then(|region| region[index].take()) {
                 if self.spare.len() < KEEP_LEAVES {
                     leaf.clean();
                     self.spare.push(leaf);
                 }
             }
         }
-        self.regions.truncate(KEEP_REGIONS);
+        // The regions kept are empty: every leaf in use was taken above.
+        for key in self
+            .region_keys
+            .drain(KEEP_REGIONS.min(self.region_keys.len())..)
+        {
+            self.top[key] = None;
+        }
         self.table.reset();
         self.counting[..=self.classes.len()].fill(0);
         self.classes.clear();
@@ -377,13 +402,17 @@ impl Blocks {
     fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
         let (key, index, word) = word_index(address)?;
         let Blocks {
-            regions,
+            top,
+            region_keys,
             spare,
             in_use,
             ..
         } = self;
-        let region = region_in(regions, key, true)?;
-        let leaf = match &mut region.leaves[index] {
+        let region = match &mut top[key] {
+            Some(region) => region,
+            empty => new_region(empty, region_keys, key),
+        };
+        let leaf = match &mut region[index] {
             Some(leaf) => leaf,
             empty => new_leaf(empty, in_use, spare, key, index),
         };
@@ -500,8 +529,9 @@ impl Blocks {
     #[inline]
     fn take_word(&mut self, address: usize) -> u64 {
         match word_index(address) {
-            Some((key, leaf, word)) => region_in(&mut self.regions, key, false)
-                .and_then(|region| region.leaves[leaf].as_mut())
+            Some((key, leaf, word)) => self.top[key]
+                .as_mut()
+                .and_then(|region| region[leaf].as_mut())
                 .map_or(0, |leaf| std::mem::take(&mut leaf.words[word])),
             None => IN_TABLE << CLASS_SHIFT,
         }
@@ -615,6 +645,31 @@ mod tests {
         assert_eq!(blocks.spare.len(), 39);
         assert_eq!(blocks.remove(0x5500_0000_0000), Some(plain));
         assert_eq!(blocks.insert(0x7f00_0000_0000, plain), None);
+    }
+
+    #[test]
+    fn regions_anywhere_in_the_address_space() {
+        let mut blocks = Blocks::default();
+        let plain = scoped(100, 3, 1, 1);
+        // Twelve regions, from the bottom of the address space to the top of 48 bits.
+        let addresses: Vec<usize> = (0..12usize)
+            .map(|region| ((region * 0x1555) << 32) + 0x40)
+            .chain([(1 << 48) - 16])
+            .collect();
+        for &address in &addresses {
+            assert_eq!(blocks.insert(address, plain), None);
+        }
+        assert_eq!(blocks.len(), addresses.len());
+        blocks.clear();
+        assert_eq!(blocks.region_keys.len(), KEEP_REGIONS);
+        let made = blocks.top.iter().filter(|region| region.is_some()).count();
+        assert_eq!(made, KEEP_REGIONS);
+        for &address in &addresses {
+            assert_eq!(blocks.remove(address), None);
+            assert_eq!(blocks.insert(address, plain), None);
+            assert_eq!(blocks.remove(address), Some(plain));
+        }
+        assert!(blocks.is_empty());
     }
 
     #[test]
