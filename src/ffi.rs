@@ -48,12 +48,84 @@ pub fn own_cpu_seconds() -> Option<f64> {
     None
 }
 
+/// The calling thread's id, from the kernel once per thread: the hooks ask whenever another
+/// thread takes the GIL, which threads contending for a lock do hundreds of thousands of times
+/// a second, and `gettid` is a system call.
+#[cfg(target_os = "linux")]
+mod linux_thread_id {
+    use std::cell::Cell;
+    use std::sync::Once;
+
+    thread_local! {
+        /// 0 until asked; forgotten in a forked child, whose thread has an id of its own.
+        static ID: Cell<u64> = const { Cell::new(0) };
+    }
+    static FORGET_AFTER_FORK: Once = Once::new();
+
+    extern "C" fn forget_in_child() {
+        let _ = ID.try_with(|id| id.set(0));
+    }
+
+    pub(super) fn get() -> u64 {
+        match ID.try_with(Cell::get) {
+            Ok(0) => {}
+            Ok(id) => return id,
+            // The thread is being torn down: ask the kernel.
+            // SAFETY: gettid takes no arguments and cannot fail.
+            Err(_) => return unsafe { libc::syscall(libc::SYS_gettid) as u64 },
+        }
+        FORGET_AFTER_FORK.call_once(|| {
+            // SAFETY: registers a handler that only writes this module's thread-local; a
+            // failure (out of memory) leaves forked children with their parent's id for the
+            // forking thread, as if the handler had not run.
+            unsafe { libc::pthread_atfork(None, None, Some(forget_in_child)) };
+        });
+        // SAFETY: gettid takes no arguments and cannot fail.
+        let id = unsafe { libc::syscall(libc::SYS_gettid) as u64 };
+        let _ = ID.try_with(|cached| cached.set(id));
+        id
+    }
+
+    #[cfg(test)]
+    mod tests {
+        fn kernel_id() -> u64 {
+            // SAFETY: gettid takes no arguments and cannot fail.
+            unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+        }
+
+        #[test]
+        fn each_thread_and_a_forked_child_get_their_own_id() {
+            assert_eq!(super::get(), kernel_id());
+            assert_eq!(super::get(), kernel_id()); // cached
+            let other = std::thread::spawn(|| (super::get(), kernel_id()))
+                .join()
+                .unwrap();
+            assert_eq!(other.0, other.1);
+            assert_ne!(other.0, super::get());
+            // SAFETY: the child only makes system calls and leaves with _exit.
+            let child = unsafe { libc::fork() };
+            assert!(child >= 0, "fork failed");
+            if child == 0 {
+                let right = super::get() == kernel_id();
+                // SAFETY: ends the child without running the parent's atexit handlers.
+                unsafe { libc::_exit(if right { 0 } else { 1 }) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child just forked; `status` is a valid out pointer.
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "{status}"
+            );
+        }
+    }
+}
+
 /// The OS id of the calling thread: the value `threading.get_native_id()` returns.
 pub fn current_thread_id() -> u64 {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: gettid takes no arguments and cannot fail.
-        unsafe { libc::syscall(libc::SYS_gettid) as u64 }
+        linux_thread_id::get()
     }
     #[cfg(target_os = "macos")]
     {
