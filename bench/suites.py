@@ -7,12 +7,17 @@ installed tests (numpy.linalg and numpy.fft; NumPy's conftest needs hypothesis).
 every suite plain, with --memprof and with --memray (pytest-memray, when installed),
 interleaved; the table shows median wall times and the ratio to plain. Target (issue 3):
 --memprof at most 1.15x plain on each suite, and below pytest-memray.
+
+The CPU time of each run (user + system, from the kernel's accounting of finished children) is
+shown beside: on a shared VM, plain runs of the same suite vary by 10% in wall time, and CPU
+time shows whether a difference was work or waiting.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +58,12 @@ def numpy_tests(work: Path) -> tuple[list[str], Path, dict[str, str]]:
 MODES = {"plain": [], "memgauge": ["--memprof"], "memray": ["--memray"]}
 
 
+def children_cpu() -> float:
+    """User and system CPU seconds of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -67,6 +78,7 @@ def main() -> None:
         work = Path(tmp)
         suites = {"more-itertools": more_itertools(work), "numpy linalg+fft": numpy_tests(work)}
         times = {(suite, mode): [] for suite in suites for mode in MODES}
+        cpu = {(suite, mode): [] for suite in suites for mode in MODES}
         for _ in range(args.rounds):
             for suite, (targets, cwd, env) in suites.items():
                 for mode, flags in MODES.items():
@@ -80,22 +92,30 @@ def main() -> None:
                         *flags,
                         *targets,
                     ]
+                    cpu_before = children_cpu()
                     start = time.perf_counter()
                     done = subprocess.run(
                         command, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True
                     )
                     times[(suite, mode)].append(time.perf_counter() - start)
+                    cpu[(suite, mode)].append(children_cpu() - cpu_before)
                     if done.returncode not in (0, 1):
                         print(f"{suite} {mode}: pytest exited {done.returncode}")
                         print(done.stdout[-2000:], done.stderr[-2000:])
 
-    print(f"\nwall time, median of {args.rounds} interleaved rounds")
-    print(f"{'suite':<20} {'mode':<10} {'median s':>9} {'ratio':>7}")
+    print(f"\nmedians of {args.rounds} interleaved rounds")
+    header = f"{'suite':<20} {'mode':<10} {'wall s':>8} {'ratio':>7} {'cpu s':>8} {'ratio':>7}"
+    print(header)
     for suite in suites:
         base = statistics.median(times[(suite, "plain")])
+        cpu_base = statistics.median(cpu[(suite, "plain")])
         for mode in MODES:
             median = statistics.median(times[(suite, mode)])
-            print(f"{suite:<20} {mode:<10} {median:>9.2f} {median / base:>6.2f}x")
+            cpu_median = statistics.median(cpu[(suite, mode)])
+            print(
+                f"{suite:<20} {mode:<10} {median:>8.2f} {median / base:>6.2f}x"
+                f" {cpu_median:>8.2f} {cpu_median / cpu_base:>6.2f}x"
+            )
 
 
 if __name__ == "__main__":
