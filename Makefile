@@ -1,10 +1,18 @@
 # One entry point: the README, CI and .ci/run call these targets.
 PYTHON ?= python3
 
-.PHONY: install browser test lint demo bench
+.PHONY: install native browser test lint demo bench
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[test]"
+
+# Rebuilds only the extension, as maturin builds it (a cdylib alone: `cargo build` also makes
+# the rlib, which keeps the crate's symbols exported and the hooks' calls indirect), where the
+# editable install (`make install`) looks for it. For measuring changes to the engine.
+native:
+	cargo rustc --quiet --release --features python --lib --crate-type cdylib
+	cp target/release/libmemgauge.so \
+	  pytest_plugin/memgauge/_native$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
 # Headless Chromium (Debian's package) for the HTML report's browser test.
 browser:
