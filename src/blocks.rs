@@ -251,6 +251,18 @@ fn word_index(address: usize) -> Option<(usize, usize, usize)> {
     Some((key as usize, leaf, word))
 }
 
+/// Whether a block's size and site fit a shadow word.
+#[inline(always)]
+fn fits(size: usize, site: SiteId) -> bool {
+    (size as u64) >> SIZE_BITS == 0 && site >> SITE_BITS == 0
+}
+
+/// The shadow word of a block that [`fits`], of `class`.
+#[inline(always)]
+fn word(size: usize, site: SiteId, class: u64) -> u64 {
+    size as u64 | u64::from(site) << SIZE_BITS | class << CLASS_SHIFT
+}
+
 /// A region with no leaves, made on the heap (never on the stack: a hook may run on a thread
 /// with a small one).
 fn empty_region() -> Box<Region> {
@@ -462,11 +474,8 @@ impl Blocks {
 
     #[inline]
     fn pack(&mut self, block: &Block) -> u64 {
-        let fits = (block.size as u64) >> SIZE_BITS == 0 && block.site >> SITE_BITS == 0;
         match self.class(block.mask, block.epoch) {
-            Some(class) if fits => {
-                block.size as u64 | u64::from(block.site) << SIZE_BITS | class << CLASS_SHIFT
-            }
+            Some(class) if fits(block.size, block.site) => word(block.size, block.site, class),
             _ => IN_TABLE << CLASS_SHIFT,
         }
     }
@@ -487,17 +496,16 @@ impl Blocks {
     /// (a free no hook saw).
     #[inline(always)]
     pub fn insert_new(&mut self, address: usize, size: usize, site: SiteId, class: u64) -> bool {
-        let fits = (size as u64) >> SIZE_BITS == 0 && site >> SITE_BITS == 0 && class != IN_TABLE;
-        if !fits {
+        if !fits(size, site) || class == IN_TABLE {
             return false;
         }
-        let Some(word) = self.word_mut(address) else {
+        let Some(slot) = self.word_mut(address) else {
             return false;
         };
-        if *word != 0 {
+        if *slot != 0 {
             return false;
         }
-        *word = size as u64 | u64::from(site) << SIZE_BITS | class << CLASS_SHIFT;
+        *slot = word(size, site, class);
         true
     }
 

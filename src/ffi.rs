@@ -184,10 +184,7 @@ mod python {
     enum RawSite {
         /// An instruction pointer: an address inside the code object's bytecode (3.11+), so it
         /// alone tells code object and instruction apart while the code object lives.
-        #[cfg_attr(
-            not(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED))),
-            allow(dead_code)
-        )]
+        #[cfg_attr(not(read_frames), allow(dead_code))]
         Instruction(*mut ffi::PyObject, usize),
         Offset(*mut ffi::PyObject, c_int),
     }
@@ -247,9 +244,9 @@ mod python {
             instruction: usize,
             slot: usize,
         ) -> SiteId {
-            #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+            #[cfg(read_frames)]
             let offset = frames::offset(code, instruction);
-            #[cfg(not(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED))))]
+            #[cfg(not(read_frames))]
             let offset = -1;
             let id = self.intern_slowly(code, offset);
             self.cache[slot] = (instruction, id);
@@ -610,7 +607,7 @@ mod python {
         if mode == SITES_NONE || tstate == 0 {
             return None;
         }
-        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        #[cfg(read_frames)]
         if mode == SITES_FRAMES {
             // SAFETY: the GIL is held and the layout was checked against the public API.
             let (code, instruction) = unsafe { frames::walk(tstate as *const u8) }?;
@@ -618,6 +615,21 @@ mod python {
         }
         // SAFETY: the GIL is held.
         unsafe { public_site() }.map(|(code, offset)| RawSite::Offset(code, offset))
+    }
+
+    /// A frame's code object, borrowed from the frame.
+    ///
+    /// # Safety
+    /// The GIL is held and `frame` is alive.
+    unsafe fn frame_code(frame: *mut ffi::PyFrameObject) -> *mut ffi::PyObject {
+        // SAFETY: as the caller promises. PyFrame_GetCode returns a new reference, dropped at
+        // once: the frame holds another, so this never frees, and the code stays the frame's
+        // while the frame lives.
+        unsafe {
+            let code = ffi::PyFrame_GetCode(frame).cast::<ffi::PyObject>();
+            ffi::Py_DECREF(code);
+            code
+        }
     }
 
     /// [`current_site`] through the public API. Since 3.11 this makes a frame object for the
@@ -635,12 +647,9 @@ mod python {
         if frame.is_null() {
             return None;
         }
-        // SAFETY: `frame` is a live frame object (borrowed); PyFrame_GetCode returns a new
-        // reference, dropped at once (the frame holds another, so this never frees), and the
-        // offset getters only read the frame.
+        // SAFETY: `frame` is a live frame object (borrowed), and the offset getters only read it.
         unsafe {
-            let code = ffi::PyFrame_GetCode(frame).cast::<ffi::PyObject>();
-            ffi::Py_DECREF(code);
+            let code = frame_code(frame);
             #[cfg(Py_3_11)]
             let offset = ffi::PyFrame_GetLasti(frame);
             #[cfg(not(Py_3_11))]
@@ -656,7 +665,7 @@ mod python {
     /// `Include/internal/pycore_frame.h`) for each version; only 3.11 runs here. Before first
     /// use they are checked against the public API on the caller's frame, and a mismatch keeps
     /// the public API.
-    #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+    #[cfg(read_frames)]
     mod frames {
         use std::ffi::c_int;
         use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
@@ -1258,15 +1267,15 @@ mod python {
 
     /// Whether the hooks may read the interpreter's frames (their layout checked out).
     fn frames_validated() -> bool {
-        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        #[cfg(read_frames)]
         return frames::validated().is_some();
-        #[cfg(not(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED))))]
+        #[cfg(not(read_frames))]
         return false;
     }
 
     /// Starts tracing if it is not running (installs the hooks) and runs `f` on the engine.
     pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -> R {
-        #[cfg(all(Py_3_11, not(Py_3_14), not(Py_GIL_DISABLED)))]
+        #[cfg(read_frames)]
         // SAFETY: the token says the GIL is held.
         untraced(py, || unsafe { frames::validate() });
         let result = untraced(py, || {
@@ -1347,14 +1356,8 @@ mod python {
 
         /// The address of the frame's code object, a key for it while the frame runs.
         pub fn code(&self) -> usize {
-            // SAFETY: the frame is alive for the event and the GIL is held. The frame holds a
-            // reference to its code, so ours is dropped at once: the address stays the frame's
-            // code for the event.
-            unsafe {
-                let code = ffi::PyFrame_GetCode(self.frame).cast::<ffi::PyObject>();
-                ffi::Py_DECREF(code);
-                code as usize
-            }
+            // SAFETY: the frame is alive for the event and the GIL is held.
+            unsafe { frame_code(self.frame) as usize }
         }
     }
 
