@@ -112,6 +112,27 @@ def test_sites_name_the_line_in_calls_generators_and_comprehensions():
         assert within(by_line.get(lines[marker], 0), size, 0.01), (marker, lines, m.top_sites)
 
 
+def test_cells_are_held_by_the_def_line_not_line_0():
+    """A function whose locals are closed over starts with instructions the compiler added,
+    which have no line (3.11's MAKE_CELL, each making a cell): the site is the function's
+    `def` line, as in a traceback."""
+
+    def with_cells():
+        a, b, c = 1, 2, 3
+        return lambda: a + b + c
+
+    with memgauge.measure(top_sites=50) as m:
+        held = [with_cells() for _ in range(2_000)]
+    del held
+    ours = [site for site in m.top_sites if site["function"].endswith("with_cells")]
+    assert ours, m.top_sites
+    assert all(site["line"] > 0 for site in m.top_sites if site["file"] != "<native>"), ours
+    first = with_cells.__code__.co_firstlineno
+    if sys.version_info >= (3, 11):
+        cells = [site for site in ours if site["line"] == first]
+        assert cells and within(cells[0]["bytes"], 3 * 2_000 * 40, 0.1), ours
+
+
 def test_numpy_array_buffers_count():
     np = pytest.importorskip("numpy")
     with memgauge.measure() as m:
