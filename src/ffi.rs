@@ -1498,11 +1498,14 @@ mod python {
         let text = |name: &str| code.getattr(name).and_then(|v| v.extract::<String>()).ok();
         // Instructions the compiler adds have no line (-1): 3.11's RETURN_GENERATOR, which
         // makes a generator object, is one. They belong to the function: its `def` line.
-        let line = u32::try_from(line).ok().filter(|&line| line > 0).or_else(|| {
-            code.getattr("co_firstlineno")
-                .and_then(|v| v.extract::<u32>())
-                .ok()
-        });
+        let line = u32::try_from(line)
+            .ok()
+            .filter(|&line| line > 0)
+            .or_else(|| {
+                code.getattr("co_firstlineno")
+                    .and_then(|v| v.extract::<u32>())
+                    .ok()
+            });
         SiteLocation {
             file: text("co_filename").unwrap_or_else(|| "<unknown>".to_owned()),
             line: line.unwrap_or(0),
