@@ -28,6 +28,10 @@ pub fn parse_status(text: &str) -> StatusMemory {
             _ => continue,
         };
         *slot = parse_kib_field(rest);
+        // The two lines are neighbours, a third of the way in: the rest need no parsing.
+        if memory.rss_bytes.is_some() && memory.hwm_bytes.is_some() {
+            break;
+        }
     }
     memory
 }

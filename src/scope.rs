@@ -4,14 +4,13 @@
 //! Traced bytes are exact and deterministic (what Python and NumPy asked for); RSS is what the
 //! OS gave the process, native libraries included, and moves with the allocator's caching.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
 use pyo3::prelude::*;
 
 use crate::ffi::{self, SiteLocation};
 use crate::rss;
-use crate::tracker::{SiteId, TrackerError};
+use crate::tracker::{FastMap, SiteId, TrackerError};
 
 /// A `file:line` and the bytes it held at the scope's peak.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +139,7 @@ impl Scope {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let located: HashMap<SiteId, SiteLocation> = ids
+            let located: FastMap<SiteId, SiteLocation> = ids
                 .iter()
                 .copied()
                 .zip(ffi::locate_sites(py, &ids))
@@ -175,11 +174,12 @@ fn leading(sites: &[(SiteId, u64)]) -> impl Iterator<Item = &(SiteId, u64)> {
 
 /// The `limit` lines with the most bytes, sites on the same line merged.
 fn top_locations(
-    located: &HashMap<SiteId, SiteLocation>,
+    located: &FastMap<SiteId, SiteLocation>,
     sites: &[(SiteId, u64)],
     limit: usize,
 ) -> Vec<SiteBytes> {
-    let mut merged: HashMap<&SiteLocation, u64> = HashMap::new();
+    // FastMap, not std's SipHash: this runs as every test ends.
+    let mut merged: FastMap<&SiteLocation, u64> = FastMap::default();
     for (id, bytes) in leading(sites) {
         if let Some(location) = located.get(id) {
             *merged.entry(location).or_default() += bytes;
