@@ -588,11 +588,11 @@ mod python {
 
     /// Runs `f` with this thread's allocations untraced: for the engine's own work.
     pub fn untraced<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
-        let busy_before = HOOKS.load(Relaxed) & GIL_BUSY;
-        HOOKS.store(HOOKS.load(Relaxed) | GIL_BUSY, Relaxed);
+        let before = HOOKS.load(Relaxed);
+        HOOKS.store(before | GIL_BUSY, Relaxed);
         let result = f();
         // `f` may have turned tracing on or off: only the busy flag is put back.
-        HOOKS.store(HOOKS.load(Relaxed) & !GIL_BUSY | busy_before, Relaxed);
+        HOOKS.store(HOOKS.load(Relaxed) & !GIL_BUSY | before & GIL_BUSY, Relaxed);
         result
     }
 
@@ -1496,8 +1496,9 @@ mod python {
         #[cfg(not(Py_3_11))]
         let line = offset;
         let text = |name: &str| code.getattr(name).and_then(|v| v.extract::<String>()).ok();
-        // Instructions the compiler adds have no line (-1): 3.11's RETURN_GENERATOR, which
-        // makes a generator object, is one. They belong to the function: its `def` line.
+        // Instructions the compiler adds to a function's prologue have no line (-1): 3.11's
+        // MAKE_CELL, which makes a cell for a closed-over local, is one. They belong to the
+        // function: its `def` line.
         let line = u32::try_from(line)
             .ok()
             .filter(|&line| line > 0)
