@@ -166,6 +166,12 @@ const CLASS_SHIFT: u32 = SIZE_BITS + SITE_BITS;
 const IN_TABLE: u64 = 0xFF;
 const MAX_CLASSES: usize = IN_TABLE as usize - 1;
 
+/// Whether blocks of `class` ([`Blocks::class_of`]) go in shadow words.
+#[inline(always)]
+pub fn is_word_class(class: u64) -> bool {
+    class != 0 && class != IN_TABLE
+}
+
 /// Words per dirty bit of a leaf: 8 KiB of words, two pages (64 bits cover a leaf).
 const CHUNK_BITS: u32 = 10;
 /// Leaves kept, cleaned, when the last scope closes, for the next scope to reuse wherever it
@@ -506,6 +512,39 @@ impl Blocks {
             return false;
         }
         *slot = word(size, site, class);
+        true
+    }
+
+    /// [`Blocks::insert_new`] for a class that [`is_word_class`], into a leaf that is there
+    /// already: the hooks' fast path. Returns false, having recorded nothing, when the block
+    /// needs [`Blocks::insert_new`].
+    #[inline(always)]
+    pub fn insert_in_leaf(
+        &mut self,
+        address: usize,
+        size: usize,
+        site: SiteId,
+        class: u64,
+    ) -> bool {
+        debug_assert!(is_word_class(class));
+        if !fits(size, site) {
+            return false;
+        }
+        let Some((key, index, word)) = word_index(address) else {
+            return false;
+        };
+        let Some(leaf) = self.top[key]
+            .as_mut()
+            .and_then(|region| region[index].as_mut())
+        else {
+            return false;
+        };
+        let slot = &mut leaf.words[word];
+        if *slot != 0 {
+            return false;
+        }
+        *slot = self::word(size, site, class);
+        leaf.dirty |= 1 << (word >> CHUNK_BITS);
         true
     }
 

@@ -196,7 +196,7 @@ mod python {
 
     struct SiteTable {
         index: FastMap<(usize, c_int), SiteId>,
-        /// (instruction pointer, site). Entries whose id is [`NATIVE_SITE`] are empty. An
+        /// (instruction pointer, site). Entries whose key is 0 are empty. An
         /// entry's code object is one of `sites`', which holds a reference to it: its bytecode
         /// stays where it is, and no other code object's can take its place.
         cache: [(usize, SiteId); SITE_CACHE],
@@ -220,18 +220,27 @@ mod python {
         fn intern(&mut self, site: Option<RawSite>) -> SiteId {
             match site {
                 None => NATIVE_SITE,
-                Some(RawSite::Instruction(code, instruction)) => {
-                    // Instructions are 2-byte aligned; the multiply's high bits index.
-                    let slot = ((instruction as u64 >> 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                        >> (64 - SITE_CACHE.trailing_zeros()))
-                        as usize;
-                    let (key, id) = self.cache[slot];
-                    if key == instruction && id != NATIVE_SITE {
-                        return id;
-                    }
-                    self.intern_instruction(code, instruction, slot)
-                }
+                Some(RawSite::Instruction(code, instruction)) => match self.cached(instruction) {
+                    Ok(id) => id,
+                    Err(slot) => self.intern_instruction(code, instruction, slot),
+                },
                 Some(RawSite::Offset(code, offset)) => self.intern_slowly(code, offset),
+            }
+        }
+
+        /// The site of an instruction pointer, when the cache has it; else the cache slot
+        /// it goes in.
+        #[inline(always)]
+        fn cached(&self, instruction: usize) -> Result<SiteId, usize> {
+            // Instructions are 2-byte aligned; the multiply's high bits index.
+            let slot = ((instruction as u64 >> 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                >> (64 - SITE_CACHE.trailing_zeros())) as usize;
+            // An empty entry's key is 0, which no instruction pointer is.
+            let (key, id) = self.cache[slot];
+            if key == instruction {
+                Ok(id)
+            } else {
+                Err(slot)
             }
         }
 
@@ -533,10 +542,14 @@ mod python {
     ///
     /// `tstate`: [`gil_thread_state`], read once per hook.
     #[inline(always)]
-    fn cached_membership(tstate: usize) -> Option<Membership> {
-        (tstate != 0 && GIL_THREAD.load(Relaxed) == tstate)
-            .then(|| Membership::from_bits(GIL_MEMBERSHIP.load(Relaxed)))
+    fn cached_membership(tstate: usize) -> Option<u64> {
+        (tstate != 0 && GIL_THREAD.load(Relaxed) == tstate).then(|| GIL_MEMBERSHIP.load(Relaxed))
     }
+
+    /// Set in [`GIL_MEMBERSHIP`] above the membership's bits when the GIL holder's allocations
+    /// may take [`record_alloc_fast`]: the membership [`Membership::is_single`], and sites come
+    /// from the frames. A scope opening or closing and a change of [`SITES`] clear the cache.
+    const FAST: u64 = 1 << 40;
 
     /// Recomputes the GIL holder's membership (a scope opened or closed, or another thread).
     #[cold]
@@ -544,7 +557,8 @@ mod python {
     fn refresh_membership(engine: &mut Engine, tstate: usize) -> Membership {
         let mask = engine.tracker.membership(current_thread_id());
         let membership = engine.tracker.classify(mask);
-        GIL_MEMBERSHIP.store(membership.to_bits(), Relaxed);
+        let fast = membership.is_single() && SITES.load(Relaxed) == SITES_FRAMES;
+        GIL_MEMBERSHIP.store(membership.to_bits() | if fast { FAST } else { 0 }, Relaxed);
         GIL_THREAD.store(tstate, Relaxed);
         membership
     }
@@ -805,16 +819,69 @@ mod python {
         }
         let tstate = gil_thread_state();
         let cached = cached_membership(tstate);
-        if cached.is_some_and(|membership| membership.mask == 0) {
-            return; // No open scope follows this thread.
+        if let Some(bits) = cached {
+            if bits as ScopeMask == 0 {
+                return; // No open scope follows this thread.
+            }
+            #[cfg(read_frames)]
+            // SAFETY: the caller holds the GIL, `tstate` is its thread state, and the cache
+            // says the fast path applies.
+            if bits & FAST != 0 && unsafe { record_alloc_fast(tstate, address, size, bits) } {
+                return;
+            }
         }
+        record_alloc_slowly(tstate, cached, address, size);
+    }
+
+    /// [`record_alloc`] of the GIL holder when the cache says [`FAST`]: the common case of one
+    /// scope, a site in the site cache and a block that fits a shadow word. Returns false,
+    /// having recorded nothing, for [`record_alloc_slowly`] to do it all.
+    ///
+    /// # Safety
+    /// The caller holds the GIL with its busy flag set, `tstate` is its thread state, and
+    /// `bits` is its cached membership, with [`FAST`] set.
+    #[cfg(read_frames)]
+    #[inline(always)]
+    unsafe fn record_alloc_fast(
+        tstate: usize,
+        address: *mut c_void,
+        size: usize,
+        bits: u64,
+    ) -> bool {
+        if HAS_PENDING.load(Relaxed) {
+            return false; // Other threads' events go first.
+        }
+        // SAFETY: as the caller promises; [`FAST`] says the layouts were validated.
+        let Some((_, instruction)) = (unsafe { frames::walk(tstate as *const u8) }) else {
+            return false;
+        };
+        // SAFETY: the caller holds the GIL, and its busy flag keeps nested hooks out. A cached
+        // membership was computed by the engine, which, once made, stays.
+        let Some(engine) = (unsafe { &mut *ENGINE.0.get() }).as_mut() else {
+            return false;
+        };
+        let Ok(site) = engine.sites.cached(instruction) else {
+            return false;
+        };
+        let membership = Membership::from_bits(bits);
+        engine
+            .tracker
+            .on_alloc_single(address as usize, size, site, membership)
+    }
+
+    /// [`record_alloc`] of the GIL holder, every case.
+    #[inline(never)]
+    fn record_alloc_slowly(tstate: usize, cached: Option<u64>, address: *mut c_void, size: usize) {
         // SAFETY: the caller holds the GIL and `tstate` is its thread state.
         let site = unsafe { current_site(tstate) };
         // SAFETY: the caller holds the GIL, and its busy flag keeps nested hooks out.
         let Some(engine) = (unsafe { engine() }) else {
             return;
         };
-        let membership = cached.unwrap_or_else(|| refresh_membership(engine, tstate));
+        let membership = match cached {
+            Some(bits) => Membership::from_bits(bits),
+            None => refresh_membership(engine, tstate),
+        };
         let site = engine.sites.intern(site);
         engine
             .tracker
@@ -1303,16 +1370,20 @@ mod python {
             (result, idle)
         });
         let (result, idle) = result;
-        if idle {
-            uninstall_pymem_hooks(py);
-            unpatch_numpy(py);
-        } else {
-            #[cfg(Py_3_12)]
-            // SAFETY: the token says the GIL is held.
-            MAIN_INTERPRETER.store(unsafe { ffi::PyInterpreterState_Main() }, Relaxed);
-            install_pymem_hooks(py);
-            patch_numpy(py);
-        }
+        // Untraced: a scope that just opened must not count what patching NumPy allocates
+        // (it looks the module up), nor the first scope more than the next ones.
+        untraced(py, || {
+            if idle {
+                uninstall_pymem_hooks(py);
+                unpatch_numpy(py);
+            } else {
+                #[cfg(Py_3_12)]
+                // SAFETY: the token says the GIL is held.
+                MAIN_INTERPRETER.store(unsafe { ffi::PyInterpreterState_Main() }, Relaxed);
+                install_pymem_hooks(py);
+                patch_numpy(py);
+            }
+        });
         result
     }
 

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::blocks::Blocks;
+use crate::blocks::{self, Blocks};
 
 /// How many scopes may be open at once (one bit each in a block's scope mask).
 pub const MAX_SCOPES: usize = 32;
@@ -36,11 +36,18 @@ impl Membership {
         u64::from(self.mask) | u64::from(self.class) << 32
     }
 
+    /// From [`Membership::to_bits`]; higher bits are ignored.
     pub fn from_bits(bits: u64) -> Self {
         Membership {
             mask: bits as ScopeMask,
             class: (bits >> 32) as u8,
         }
+    }
+
+    /// Whether [`Tracker::on_alloc_single`] takes blocks under this membership: one scope
+    /// follows the thread, and the blocks' class fits a shadow word.
+    pub fn is_single(self) -> bool {
+        self.mask.count_ones() == 1 && blocks::is_word_class(u64::from(self.class))
     }
 }
 
@@ -366,6 +373,30 @@ impl Tracker {
             self.insert_block(address, block);
         }
         self.each_scope(mask, |scope| scope.count_alloc(size as u64, site));
+    }
+
+    /// [`Tracker::on_alloc_as`] for a membership that [`Membership::is_single`], when the block
+    /// fits a shadow word: the hooks' fast path. Returns false, having recorded nothing, when
+    /// the block needs [`Tracker::on_alloc_as`].
+    #[inline(always)]
+    pub fn on_alloc_single(
+        &mut self,
+        address: usize,
+        size: usize,
+        site: SiteId,
+        member: Membership,
+    ) -> bool {
+        debug_assert!(member.is_single());
+        debug_assert_eq!(member, self.classify(member.mask));
+        if !self
+            .blocks
+            .insert_in_leaf(address, size, site, u64::from(member.class))
+        {
+            return false;
+        }
+        let slot = member.mask.trailing_zeros() as usize % MAX_SCOPES;
+        self.scopes[slot].count_alloc(size as u64, site);
+        true
     }
 
     /// Forgets a freed block.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
+import gc
 import inspect
 import os
 import subprocess
@@ -250,6 +251,46 @@ def test_a_thread_that_reuses_a_finished_threads_state_counts():
             thread.join()
     # Each list: 100,000 strs of ~50 bytes and an 800 kB array; three of them stay alive.
     assert m.leaked_bytes > 3 * 5_000_000, m
+
+
+def test_one_scope_and_nested_scopes_record_the_same_blocks():
+    # With one scope open the allocation hooks take their fast path; with two, the general
+    # one. The inner scope must see the same blocks either way, to the byte and the site.
+    # (With NumPy imported, the first scope also patches it: that must not count either.)
+    import numpy  # noqa: F401
+
+    def workload():
+        rows = [(i, str(i), [i] * (i % 7)) for i in range(20_000)]
+        text = "-".join(row[1] for row in rows)
+        del rows[::2]
+        table = dict.fromkeys(text.split("-")[:5000])
+        return rows, text, table
+
+    def measured():
+        # Fill CPython's free lists, which decide which objects need an allocation.
+        spare = [([], {i: i}, float(i), *[(i,) * n for n in range(1, 20)]) for i in range(2000)]
+        del spare
+        with memgauge.measure(top_sites=10) as m:
+            kept = workload()
+        del kept
+        sites = [(site["file"], site["line"], site["bytes"]) for site in m.top_sites]
+        return m.peak_bytes, m.leaked_bytes, m.allocated_bytes, m.allocations, sites
+
+    # The first runs differ by an allocation or two (caches, interned strings): run until
+    # two runs agree.
+    gc.disable()  # a collection frees what it finds at a moment that differs between runs
+    try:
+        runs = [measured(), measured()]
+        while runs[-1] != runs[-2] and len(runs) < 10:
+            runs.append(measured())
+        alone = runs[-1]
+        assert runs[-2] == alone, runs
+        with memgauge.measure():
+            nested = measured()
+    finally:
+        gc.enable()
+    assert alone[3] > 40_000, alone
+    assert nested == alone
 
 
 def test_repeated_scopes_are_deterministic():
