@@ -973,6 +973,13 @@ mod python {
         if address.is_null() {
             return release();
         }
+        if gil_domain {
+            // The GIL holder forgets the block, then frees it outside the busy flag: the free
+            // is a tail call, and the hook keeps fewer registers. (pymalloc hands a large
+            // block's free to the raw domain, whose hook then finds nothing left to forget.)
+            enter(gil_domain, |caller| forget(caller, address), || ());
+            return release();
+        }
         enter(
             gil_domain,
             |caller| {
