@@ -495,6 +495,44 @@ mod tests {
     }
 
     #[test]
+    fn the_single_scope_path_records_what_the_general_one_does() {
+        let blocks = [(0x10_0000, 64, 1), (0x10_0040, 4096, 2), (0x10_2000, 24, 1)];
+        let figures = |single: bool| {
+            let mut tracker = Tracker::default();
+            let slot = open(&mut tracker);
+            let member = tracker.classify(all(&tracker));
+            assert!(member.is_single());
+            // The first block makes the leaf; after it, the single path takes every block.
+            tracker.on_alloc_as(0x10_1000, 8, 3, member);
+            for (address, size, site) in blocks {
+                if single {
+                    assert!(tracker.on_alloc_single(address, size, site, member));
+                } else {
+                    tracker.on_alloc_as(address, size, site, member);
+                }
+            }
+            tracker.on_free(0x10_0040);
+            tracker.close_scope(slot).unwrap()
+        };
+        assert_eq!(figures(true), figures(false));
+        assert_eq!(figures(true).peak_bytes, 8 + 64 + 4096 + 24);
+    }
+
+    #[test]
+    fn the_single_scope_path_declines_what_it_cannot_take() {
+        let mut tracker = Tracker::default();
+        let slot = open(&mut tracker);
+        let member = tracker.classify(all(&tracker));
+        // No leaf yet for this MiB, an address off the 16-byte grid, a word already taken.
+        assert!(!tracker.on_alloc_single(0x20_0000, 64, 1, member));
+        tracker.on_alloc_as(0x20_0000, 64, 1, member);
+        assert!(!tracker.on_alloc_single(0x20_0008, 64, 1, member));
+        assert!(!tracker.on_alloc_single(0x20_0000, 32, 1, member));
+        let figures = tracker.close_scope(slot).unwrap();
+        assert_eq!((figures.allocations, figures.peak_bytes), (1, 64));
+    }
+
+    #[test]
     fn take_peak_restarts_the_mark_from_the_live_bytes() {
         let mut tracker = Tracker::default();
         let slot = open(&mut tracker);
