@@ -537,8 +537,8 @@ mod python {
         WithoutGil,
     }
 
-    /// The GIL holder's cached membership, when it is this thread state's and no scope opened
-    /// or closed since it was computed.
+    /// The GIL holder's cached membership, as [`GIL_MEMBERSHIP`]'s bits, when it is this thread
+    /// state's and no scope opened or closed since it was computed.
     ///
     /// `tstate`: [`gil_thread_state`], read once per hook.
     #[inline(always)]
