@@ -91,6 +91,7 @@ def count_instructions(suites: dict[str, tuple[list[str], Path, dict[str, str]]]
     if valgrind is None:
         sys.exit("--instructions needs valgrind (Debian: apt install valgrind)")
     jobs = [(suite, mode) for suite in suites for mode in MODES]
+    at_once = 2 if (os.cpu_count() or 1) >= 2 else 1
     running: list[tuple[str, str, subprocess.Popen[str]]] = []
     counts: dict[tuple[str, str], int] = {}
 
@@ -103,7 +104,7 @@ def count_instructions(suites: dict[str, tuple[list[str], Path, dict[str, str]]]
         print(f"{suite} {mode}: {counts[(suite, mode)] / 1e9:.2f} G instructions", flush=True)
 
     for suite, mode in jobs:
-        if len(running) == max(1, min(2, os.cpu_count() or 1)):
+        if len(running) == at_once:
             finish(*running.pop(0))
         targets, cwd, env = suites[suite]
         command = [

@@ -190,6 +190,18 @@ struct Leaf {
 }
 
 impl Leaf {
+    /// Puts `value` in word `word` when the word is empty; false, changing nothing, when not.
+    #[inline(always)]
+    fn claim(&mut self, word: usize, value: u64) -> bool {
+        let slot = &mut self.words[word];
+        if *slot != 0 {
+            return false;
+        }
+        *slot = value;
+        self.dirty |= 1 << (word >> CHUNK_BITS);
+        true
+    }
+
     fn new() -> Self {
         Leaf {
             words: vec![0u64; 1 << LEAF_BITS]
@@ -415,10 +427,17 @@ impl Blocks {
             .fold(0, |mask, slot| mask | 1 << slot)
     }
 
-    /// The word of `address`, its leaf made if need be.
+    /// Leaf `index` of region `key`, when it is there.
+    #[inline(always)]
+    fn leaf(&mut self, key: usize, index: usize) -> Option<&mut Leaf> {
+        self.top[key]
+            .as_mut()
+            .and_then(|region| region[index].as_mut())
+    }
+
+    /// Leaf `index` of region `key`, made if need be (and its region).
     #[inline]
-    fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
-        let (key, index, word) = word_index(address)?;
+    fn leaf_made(&mut self, key: usize, index: usize) -> &mut Leaf {
         let Blocks {
             top,
             region_keys,
@@ -430,10 +449,17 @@ impl Blocks {
             Some(region) => region,
             empty => new_region(empty, region_keys, key),
         };
-        let leaf = match &mut region[index] {
+        match &mut region[index] {
             Some(leaf) => leaf,
             empty => new_leaf(empty, in_use, spare, key, index),
-        };
+        }
+    }
+
+    /// The word of `address`, its leaf made if need be.
+    #[inline]
+    fn word_mut(&mut self, address: usize) -> Option<&mut u64> {
+        let (key, index, word) = word_index(address)?;
+        let leaf = self.leaf_made(key, index);
         leaf.dirty |= 1 << (word >> CHUNK_BITS);
         Some(&mut leaf.words[word])
     }
@@ -505,14 +531,11 @@ impl Blocks {
         if !fits(size, site) || class == IN_TABLE {
             return false;
         }
-        let Some(slot) = self.word_mut(address) else {
+        let Some((key, index, word)) = word_index(address) else {
             return false;
         };
-        if *slot != 0 {
-            return false;
-        }
-        *slot = word(size, site, class);
-        true
+        self.leaf_made(key, index)
+            .claim(word, self::word(size, site, class))
     }
 
     /// [`Blocks::insert_new`] for a class that [`is_word_class`], into a leaf that is there
@@ -533,19 +556,11 @@ impl Blocks {
         let Some((key, index, word)) = word_index(address) else {
             return false;
         };
-        let Some(leaf) = self.top[key]
-            .as_mut()
-            .and_then(|region| region[index].as_mut())
-        else {
+        // A let-else, not `is_some_and`: its closure was not inlined.
+        let Some(leaf) = self.leaf(key, index) else {
             return false;
         };
-        let slot = &mut leaf.words[word];
-        if *slot != 0 {
-            return false;
-        }
-        *slot = self::word(size, site, class);
-        leaf.dirty |= 1 << (word >> CHUNK_BITS);
-        true
+        leaf.claim(word, self::word(size, site, class))
     }
 
     /// Inserts or replaces; returns the block that was there.
@@ -576,9 +591,8 @@ impl Blocks {
     #[inline]
     fn take_word(&mut self, address: usize) -> u64 {
         match word_index(address) {
-            Some((key, leaf, word)) => self.top[key]
-                .as_mut()
-                .and_then(|region| region[leaf].as_mut())
+            Some((key, index, word)) => self
+                .leaf(key, index)
                 .map_or(0, |leaf| std::mem::take(&mut leaf.words[word])),
             None => IN_TABLE << CLASS_SHIFT,
         }

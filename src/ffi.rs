@@ -1349,37 +1349,40 @@ mod python {
 
     /// Starts tracing if it is not running (installs the hooks) and runs `f` on the engine.
     pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -> R {
-        #[cfg(read_frames)]
-        // SAFETY: the token says the GIL is held.
-        untraced(py, || unsafe { frames::validate() });
-        let result = untraced(py, || {
-            // SAFETY: the token says the GIL is held, and `untraced` keeps nested hooks out.
-            let engine = unsafe { engine() }.get_or_insert_with(Engine::default);
-            let result = f(engine);
-            let idle = engine.tracker.is_idle();
-            let sites = match (engine.wants_sites(), frames_validated()) {
-                (false, _) => SITES_NONE,
-                (true, true) => SITES_FRAMES,
-                (true, false) => SITES_PUBLIC,
-            };
-            SITES.store(sites, Relaxed);
-            // The GIL holder's cached membership is stale.
-            GIL_THREAD.store(0, Relaxed);
-            let state = HOOKS.load(Relaxed);
-            HOOKS.store(
-                if idle {
-                    state & !ACTIVE
-                } else {
-                    state | ACTIVE
-                },
-                Release,
-            );
-            (result, idle)
-        });
-        let (result, idle) = result;
-        // Untraced: a scope that just opened must not count what patching NumPy allocates
-        // (it looks the module up), nor the first scope more than the next ones.
+        // All of it untraced: a scope that just opened must not count the engine's work, such
+        // as patching NumPy (which looks the module up), nor the first scope more than the next.
         untraced(py, || {
+            #[cfg(read_frames)]
+            // SAFETY: the token says the GIL is held.
+            unsafe {
+                frames::validate()
+            };
+            // The engine's borrow ends before the hooks are installed and NumPy is patched,
+            // which may run Python code.
+            let (result, idle) = {
+                // SAFETY: the token says the GIL is held, and `untraced` keeps nested hooks out.
+                let engine = unsafe { engine() }.get_or_insert_with(Engine::default);
+                let result = f(engine);
+                let idle = engine.tracker.is_idle();
+                let sites = match (engine.wants_sites(), frames_validated()) {
+                    (false, _) => SITES_NONE,
+                    (true, true) => SITES_FRAMES,
+                    (true, false) => SITES_PUBLIC,
+                };
+                SITES.store(sites, Relaxed);
+                // The GIL holder's cached membership is stale.
+                GIL_THREAD.store(0, Relaxed);
+                let state = HOOKS.load(Relaxed);
+                HOOKS.store(
+                    if idle {
+                        state & !ACTIVE
+                    } else {
+                        state | ACTIVE
+                    },
+                    Release,
+                );
+                (result, idle)
+            };
             if idle {
                 uninstall_pymem_hooks(py);
                 unpatch_numpy(py);
@@ -1390,8 +1393,8 @@ mod python {
                 install_pymem_hooks(py);
                 patch_numpy(py);
             }
-        });
-        result
+            result
+        })
     }
 
     /// Runs `f` on the tracker, if there is one, without touching the hooks: for reading figures
