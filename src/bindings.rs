@@ -209,6 +209,14 @@ pub fn rss_bytes() -> (Option<u64>, Option<u64>) {
     (status.rss_bytes, status.hwm_bytes)
 }
 
+/// How allocation sites are found: "frames" (the interpreter's own frames, read directly, on
+/// CPython 3.11 to 3.13 once their layout checked out), "public-api" (a frame object per lookup),
+/// or "unchecked" before the first scope opens.
+#[pyfunction]
+pub fn site_lookup() -> &'static str {
+    crate::ffi::site_lookup()
+}
+
 /// Runs the `memgauge` command line with `argv` (program name first); returns the exit code.
 #[pyfunction]
 pub fn cli_main(py: Python<'_>, argv: Vec<String>) -> i32 {

@@ -708,6 +708,11 @@ mod python {
         /// turns an instruction pointer into `PyFrame_GetLasti`'s byte offset.
         static CODE_OFFSET: AtomicIsize = AtomicIsize::new(0);
 
+        /// Whether [`validate`] has run to a verdict.
+        pub(super) fn checked() -> bool {
+            CODE_OFFSET.load(Relaxed) != 0
+        }
+
         pub(super) fn validated() -> Option<isize> {
             let offset = CODE_OFFSET.load(Relaxed);
             (offset > 0).then_some(offset)
@@ -1338,6 +1343,22 @@ mod python {
     }
 
     // ----- the engine's interface -----
+
+    /// How the hooks find an allocation's line, decided when the first scope opens: by reading
+    /// the interpreter's frames (3.11 to 3.13 with the GIL, once their layout checked out
+    /// against the public API) or through the public API (other versions, or a layout that did
+    /// not check out).
+    pub fn site_lookup() -> &'static str {
+        #[cfg(read_frames)]
+        if !frames::checked() {
+            return "unchecked";
+        }
+        if frames_validated() {
+            "frames"
+        } else {
+            "public-api"
+        }
+    }
 
     /// Whether the hooks may read the interpreter's frames (their layout checked out).
     fn frames_validated() -> bool {

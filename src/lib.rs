@@ -26,7 +26,7 @@ pub mod scope;
 #[pyo3::pymodule]
 mod _native {
     #[pymodule_export]
-    use crate::bindings::{cli_main, format_size, parse_size, rss_bytes, PyScope};
+    use crate::bindings::{cli_main, format_size, parse_size, rss_bytes, site_lookup, PyScope};
     #[pymodule_export]
     use crate::lines::LineTracer;
 
