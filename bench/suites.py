@@ -1,24 +1,32 @@
 """pytest --memprof on real third-party suites, against plain pytest and pytest --memray.
 
-Run: python bench/suites.py [--rounds 5]
+Run: python bench/suites.py [--rounds 5] [--shard-seconds 5]
      python bench/suites.py --instructions   (once per suite and mode, under cachegrind)
 
-Suites: more-itertools from its sdist (pure Python; downloaded from PyPI) and NumPy's own
-installed tests (numpy.linalg and numpy.fft; NumPy's conftest needs hypothesis). Each round runs
-every suite plain, with --memprof and with --memray (pytest-memray, when installed),
-interleaved; the table shows median wall times and the ratio to plain. Target (issue 3):
+Suites: more-itertools from its sdist (pure Python, unittest classes; downloaded from PyPI) and
+NumPy's own installed tests (numpy.linalg and numpy.fft; NumPy's conftest needs hypothesis); with
+`--suites`, also networkx's installed tests (pure Python, pytest functions). Target (issue 3):
 --memprof at most 1.15x plain on each suite, and below pytest-memray.
 
-On a shared VM, plain runs of the same suite vary by 10-30% in wall time from one minute to
-the next, so a round is a paired comparison: its runs follow each other, in an order that
-rotates from round to round (a slow spell does not always hit the same mode), with one hash
-seed for all of them (PYTHONHASHSEED = the round's number: the seed moves a run's time too).
-The table shows, per mode, the median wall time, the ratio of medians, and the median of the
-rounds' own ratios (each run against the plain run of its round), which a slow spell moves
-least; the ratio of the fastest runs ("best": noise only ever adds time, so each mode's
-fastest run is its closest to undisturbed); and the CPU time (user + system, from the
-kernel's accounting of finished children), which shows whether a difference was work or
-waiting.
+This VM's speed drifts: plain runs of the same suite took 40 to 64 s in consecutive rounds,
+in spells that last from seconds to minutes. A whole-suite run of one mode and the next mode's
+run are a minute apart and see different spells. So each suite is cut into shards of about
+`--shard-seconds` of plain run time (contiguous ranges of the collected tests, cut by a
+calibration run), and the modes run each shard back to back, in an order that rotates from
+shard to shard and round to round: the runs compared are seconds apart. (A single test is not
+cut: more-itertools' test_primes is about half of its suite.) `--shard-seconds 0` runs whole
+suites. Every run of round r has the hash seed r (the seed moves a run's time too).
+
+Times, per round, are sums over the shards:
+- `session`: from the end of collection to the end of the session, measured inside pytest
+  (bench/shard_plugin.py): every test, and each plugin's session-end work (memgauge writes its
+  results there). It leaves out interpreter start-up, imports and collection, which the modes
+  share and which every shard repeats, so its ratio is the strict one;
+- `process`: the whole `pytest` process, start-up and collection included;
+- `cpu`: user + system time of the process (the kernel's accounting of finished children).
+The table shows each mode's median over the rounds, the ratio of medians, the median of the
+rounds' own ratios ("paired", the figure a slow spell moves least), and the ratio of the
+fastest rounds ("best": noise only ever adds time).
 
 `--instructions` counts instead: each suite runs once per mode under valgrind's cachegrind
 (Debian: `apt install valgrind`), two at a time, and the table shows the instructions each run
@@ -31,6 +39,7 @@ floating point emulation, the same tests in every mode.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -41,10 +50,13 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+Suite = tuple[list[str], Path, dict[str, str]]
 
-def more_itertools(work: Path) -> tuple[list[str], Path, dict[str, str]]:
+
+def more_itertools(work: Path) -> Suite:
     subprocess.run(
         [
             sys.executable,
@@ -68,8 +80,17 @@ def more_itertools(work: Path) -> tuple[list[str], Path, dict[str, str]]:
     return ["tests"], root, {"PYTHONPATH": str(root)}
 
 
-def numpy_tests(work: Path) -> tuple[list[str], Path, dict[str, str]]:
+def numpy_tests(work: Path) -> Suite:
     return ["--pyargs", "numpy.linalg", "numpy.fft"], work, {}
+
+
+def networkx_tests(work: Path) -> Suite:
+    """networkx's installed tests: pure Python, plain pytest functions (which pytest-memray
+    measures, unlike more-itertools' unittest classes); about 6,400 tests, minutes per run."""
+    return ["--pyargs", "networkx"], work, {}
+
+
+SUITES = {"more-itertools": more_itertools, "numpy": numpy_tests, "networkx": networkx_tests}
 
 
 MODES = {"plain": [], "memgauge": ["--memprof"], "memray": ["--memray"]}
@@ -85,7 +106,7 @@ def pytest_command(mode: str, targets: list[str]) -> list[str]:
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *MODES[mode], *targets]
 
 
-def count_instructions(suites: dict[str, tuple[list[str], Path, dict[str, str]]]) -> None:
+def count_instructions(suites: dict[str, Suite]) -> None:
     """Each suite once per mode under cachegrind, two runs at a time; prints the counts."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
@@ -136,15 +157,149 @@ def count_instructions(suites: dict[str, tuple[list[str], Path, dict[str, str]]]
             print(f"{suite:<20} {mode:<10} {count / 1e9:>9.2f} {count / base:>6.3f}x")
 
 
+SHARD_PLUGIN = Path(__file__).resolve().parent
+
+
+@dataclass
+class Run:
+    """One pytest process: its wall time, the session's time inside it, its CPU time."""
+
+    process_s: float
+    session_s: float
+    cpu_s: float
+    tests_s: list[float]
+
+
+def run_pytest(
+    mode: str, suite: Suite, seed: int, tests: tuple[int, int] | None, work: Path
+) -> Run:
+    targets, cwd, env = suite
+    out = work / "timings.json"
+    out.unlink(missing_ok=True)
+    paths = [str(SHARD_PLUGIN), env.get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
+    run_env = {
+        **os.environ,
+        **env,
+        "PYTHONPATH": os.pathsep.join(path for path in paths if path),
+        "PYTHONHASHSEED": str(seed),
+        "MEMGAUGE_BENCH_OUT": str(out),
+        "MEMGAUGE_BENCH_RANGE": "" if tests is None else f"{tests[0]}:{tests[1]}",
+    }
+    command = [*pytest_command(mode, targets), "-p", "shard_plugin"]
+    if mode == "memgauge":
+        command += ["--memprof-output", str(work / "results.json")]
+    cpu_before = children_cpu()
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=run_env, capture_output=True, text=True)
+    process_s = time.perf_counter() - start
+    cpu_s = children_cpu() - cpu_before
+    if done.returncode not in (0, 1) or not out.exists():
+        sys.exit(
+            f"{' '.join(command)} exited {done.returncode}:\n"
+            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
+    timings = json.loads(out.read_text())
+    return Run(process_s, timings["session_s"], cpu_s, timings["tests_s"])
+
+
+def cut(tests_s: list[float], shard_seconds: float) -> list[tuple[int, int]]:
+    """Contiguous ranges of tests, each of about `shard_seconds` (one range when 0)."""
+    if shard_seconds <= 0:
+        return [(0, len(tests_s))]
+    shards, start, total = [], 0, 0.0
+    for index, seconds in enumerate(tests_s):
+        total += seconds
+        if total >= shard_seconds:
+            shards.append((start, index + 1))
+            start, total = index + 1, 0.0
+    if start < len(tests_s):
+        shards.append((start, len(tests_s)))
+    return shards
+
+
+def time_suites(suites: dict[str, Suite], rounds: int, shard_seconds: float, work: Path) -> None:
+    modes = list(MODES)
+    shards = {}
+    for name, suite in suites.items():
+        calibration = run_pytest("plain", suite, 0, None, work)
+        shards[name] = cut(calibration.tests_s, shard_seconds)
+        print(
+            f"{name}: {len(calibration.tests_s)} tests, {calibration.session_s:.1f}s plain,"
+            f" {len(shards[name])} shards",
+            flush=True,
+        )
+    # totals[(suite, mode)][kind] is one sum over the shards per round.
+    totals = {
+        (name, mode): {"session": [], "process": [], "cpu": []} for name in suites for mode in modes
+    }
+    for round_ in range(rounds):
+        for name, suite in suites.items():
+            sums = {mode: Run(0.0, 0.0, 0.0, []) for mode in modes}
+            for index, tests in enumerate(shards[name]):
+                turn = (round_ + index) % len(modes)
+                for mode in modes[turn:] + modes[:turn]:
+                    run = run_pytest(mode, suite, round_, tests, work)
+                    if len(run.tests_s) != tests[1] - tests[0]:
+                        print(f"{name} {mode}: ran {len(run.tests_s)} tests of {tests}")
+                    total = sums[mode]
+                    total.process_s += run.process_s
+                    total.session_s += run.session_s
+                    total.cpu_s += run.cpu_s
+            for mode, total in sums.items():
+                totals[(name, mode)]["session"].append(total.session_s)
+                totals[(name, mode)]["process"].append(total.process_s)
+                totals[(name, mode)]["cpu"].append(total.cpu_s)
+            seen = ", ".join(f"{mode} {sums[mode].session_s:.1f}s" for mode in modes)
+            print(f"round {round_ + 1}, {name}: {seen}", flush=True)
+
+    print(f"\nmedians of {rounds} rounds, shards of about {shard_seconds:g}s plain")
+    print(
+        f"{'suite':<18} {'mode':<9} {'session s':>9} {'ratio':>6} {'paired':>6} {'best':>6}"
+        f" {'process s':>9} {'ratio':>6} {'cpu s':>7} {'ratio':>6}"
+    )
+    for name in suites:
+        plain = totals[(name, "plain")]
+        for mode in modes:
+            mine = totals[(name, mode)]
+
+            def ratio(kind: str, mine=mine, plain=plain) -> float:
+                return statistics.median(mine[kind]) / statistics.median(plain[kind])
+
+            paired = statistics.median(
+                run / base for run, base in zip(mine["session"], plain["session"])
+            )
+            best = min(mine["session"]) / min(plain["session"])
+            print(
+                f"{name:<18} {mode:<9} {statistics.median(mine['session']):>9.2f}"
+                f" {ratio('session'):>5.2f}x {paired:>5.2f}x {best:>5.2f}x"
+                f" {statistics.median(mine['process']):>9.2f} {ratio('process'):>5.2f}x"
+                f" {statistics.median(mine['cpu']):>7.2f} {ratio('cpu'):>5.2f}x"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--shard-seconds",
+        type=float,
+        default=5.0,
+        help="plain run time per shard; 0 runs whole suites",
+    )
     parser.add_argument(
         "--instructions",
         action="store_true",
         help="count instructions under cachegrind (one run per suite and mode) instead of timing",
     )
+    parser.add_argument(
+        "--suites",
+        default="more-itertools,numpy",
+        help=f"comma-separated, of {', '.join(SUITES)} (networkx: pip install networkx)",
+    )
     args = parser.parse_args()
+    unknown = set(args.suites.split(",")) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown suites {sorted(unknown)}: choose from {', '.join(SUITES)}")
     try:
         import pytest_memray  # noqa: F401
     except ImportError:
@@ -153,54 +308,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        suites = {"more-itertools": more_itertools(work), "numpy linalg+fft": numpy_tests(work)}
+        suites = {name: SUITES[name](work) for name in args.suites.split(",")}
         if args.instructions:
             count_instructions(suites)
-            return
-        times = {(suite, mode): [] for suite in suites for mode in MODES}
-        cpu = {(suite, mode): [] for suite in suites for mode in MODES}
-        modes = list(MODES)
-        for round_ in range(args.rounds):
-            order = modes[round_ % len(modes) :] + modes[: round_ % len(modes)]
-            for suite, (targets, cwd, env) in suites.items():
-                seen = []
-                for mode in order:
-                    command = pytest_command(mode, targets)
-                    run_env = {**os.environ, **env, "PYTHONHASHSEED": str(round_)}
-                    cpu_before = children_cpu()
-                    start = time.perf_counter()
-                    done = subprocess.run(
-                        command, cwd=cwd, env=run_env, capture_output=True, text=True
-                    )
-                    times[(suite, mode)].append(time.perf_counter() - start)
-                    cpu[(suite, mode)].append(children_cpu() - cpu_before)
-                    seen.append(f"{mode} {times[(suite, mode)][-1]:.1f}s")
-                    if done.returncode not in (0, 1):
-                        print(f"{suite} {mode}: pytest exited {done.returncode}")
-                        print(done.stdout[-2000:], done.stderr[-2000:])
-                print(f"round {round_ + 1}, {suite}: " + ", ".join(seen), flush=True)
-
-    print(f"\nmedians of {args.rounds} interleaved rounds")
-    header = (
-        f"{'suite':<20} {'mode':<10} {'wall s':>8} {'ratio':>7} {'paired':>7} {'best':>7}"
-        f" {'cpu s':>8} {'ratio':>7}"
-    )
-    print(header)
-    for suite in suites:
-        base = statistics.median(times[(suite, "plain")])
-        fastest = min(times[(suite, "plain")])
-        cpu_base = statistics.median(cpu[(suite, "plain")])
-        for mode in MODES:
-            median = statistics.median(times[(suite, mode)])
-            paired = statistics.median(
-                run / plain for run, plain in zip(times[(suite, mode)], times[(suite, "plain")])
-            )
-            best = min(times[(suite, mode)]) / fastest
-            cpu_median = statistics.median(cpu[(suite, mode)])
-            print(
-                f"{suite:<20} {mode:<10} {median:>8.2f} {median / base:>6.2f}x {paired:>6.2f}x"
-                f" {best:>6.2f}x {cpu_median:>8.2f} {cpu_median / cpu_base:>6.2f}x"
-            )
+        else:
+            time_suites(suites, args.rounds, args.shard_seconds, work)
 
 
 if __name__ == "__main__":
