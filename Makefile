@@ -1,7 +1,7 @@
 # One entry point: the README, CI and .ci/run call these targets.
 PYTHON ?= python3
 
-.PHONY: install native browser test lint demo bench
+.PHONY: install native browser test lint demo bench versions
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[test]"
@@ -46,3 +46,8 @@ bench: install
 	$(PYTHON) bench/lines.py
 	$(PYTHON) bench/run.py
 	$(PYTHON) bench/suites.py
+
+# The Python suite on CPython 3.9 and 3.13, in Debian chroots (root, debootstrap, network): the
+# versions this machine lacks. By hand; not part of `make test`.
+versions:
+	.ci/versions

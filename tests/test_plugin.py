@@ -71,7 +71,8 @@ def test_memprof_writes_results_with_the_schema(pytester: pytest.Pytester):
     result.stdout.fnmatch_lines(
         [
             "*memgauge: 4 tests with the highest peak*",
-            "*10.00 MiB*test_suite.py::test_ten_mib",
+            # 1% (three digits): a 3.9 frame object is a few hundred bytes of the call phase.
+            "*10.0? MiB*test_suite.py::test_ten_mib",
         ]
     )
     assert not (pytester.path / ".memgauge/results.json.partial").exists()
@@ -99,7 +100,8 @@ def test_over_the_limit_fails_with_the_figure_and_the_line(pytester: pytest.Pyte
         [
             "*test_limits.py::test_over MEMORY*",
             "*test_limits.py::test_under PASSED*",
-            "*traced peak 20.00 MiB is over the limit of 10.00 MiB*",
+            # 3.9 adds its frame objects (a few KiB): three digits hold within 1%.
+            "*traced peak 20.0? MiB is over the limit of 10.00 MiB*",
             "*Lines holding the most memory at the peak:*",
             "*test_limits.py:5 in test_over: 20.00 MiB*",
         ]
@@ -433,7 +435,9 @@ def test_memgauge_compare_gates_benchmarks(pytester: pytest.Pytester):
         '[tests."test_bench.py::test_b::bytearray"]'
         in (pytester.path / "memgauge-baseline.toml").read_text()
     )
-    pytester.makepyfile(test_bench="def test_b(memit):\n    memit(bytearray, 3_000_000)\n")
+    # A source of another length: of the same length and within the same second, the import
+    # takes the first run's bytecode from __pycache__ (its check is mtime in seconds and size).
+    pytester.makepyfile(test_bench="def test_b(memit):\n    memit(bytearray, 10_000_000)\n")
     pytester.runpytest("--memprof").assert_outcomes(passed=1)
     compare = pytester.run("memgauge", "compare")
     assert compare.ret == 1

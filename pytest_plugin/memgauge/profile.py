@@ -84,6 +84,13 @@ def code_of(target: Any) -> types.CodeType:
     return target
 
 
+def thread_trace() -> Any:
+    """The trace function new threads get: ``threading.gettrace()``, which 3.9 lacks (it keeps
+    the function in the module global that ``gettrace`` returns from 3.10 on)."""
+    gettrace = getattr(threading, "gettrace", None)
+    return gettrace() if gettrace is not None else getattr(threading, "_trace_hook", None)
+
+
 class LineProfiler:
     """Collects line figures for the functions added to it while it is enabled.
 
@@ -111,7 +118,7 @@ class LineProfiler:
         if self._depth > 1:
             return
         self._saved_trace = sys.gettrace()
-        self._saved_thread_trace = threading.gettrace()
+        self._saved_thread_trace = thread_trace()
         self._tracer.enable()
         threading.settrace(self._tracer.thread_bootstrap)
 
