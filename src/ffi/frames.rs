@@ -2,9 +2,9 @@
 //! memray do: the public API would make a frame object for every frame that allocates.
 //!
 //! The layouts are those of CPython's headers (`Include/cpython/pystate.h`,
-//! `Include/internal/pycore_frame.h`) for each version; only 3.11 runs here. Before first
-//! use they are checked against the public API on the caller's frame, and a mismatch keeps
-//! the public API.
+//! `Include/internal/pycore_frame.h`) for each version, tested on 3.11 and (`make versions`)
+//! 3.13; 3.12's only by GitHub CI. Before first use they are checked against the public API on
+//! the caller's frame, and a mismatch keeps the public API (`site_lookup()` says which).
 
 use std::ffi::c_int;
 use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
