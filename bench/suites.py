@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument(
         "--suites",
         default="more-itertools,numpy",
-        help=f"comma-separated, of {', '.join(SUITES)} (networkx: pip install networkx)",
+        help=f"comma-separated, of {', '.join(SUITES)}",
     )
     args = parser.parse_args()
     unknown = set(args.suites.split(",")) - set(SUITES)
