@@ -169,6 +169,13 @@ class Run:
     cpu_s: float
     tests_s: list[float]
 
+    def seconds(self) -> dict[str, float]:
+        """The times the table compares, by kind."""
+        return {"session": self.session_s, "process": self.process_s, "cpu": self.cpu_s}
+
+
+KINDS = ("session", "process", "cpu")
+
 
 def run_pytest(
     mode: str, suite: Suite, seed: int, tests: tuple[int, int] | None, work: Path
@@ -229,27 +236,22 @@ def time_suites(suites: dict[str, Suite], rounds: int, shard_seconds: float, wor
             flush=True,
         )
     # totals[(suite, mode)][kind] is one sum over the shards per round.
-    totals = {
-        (name, mode): {"session": [], "process": [], "cpu": []} for name in suites for mode in modes
-    }
+    totals = {(name, mode): {kind: [] for kind in KINDS} for name in suites for mode in modes}
     for round_ in range(rounds):
         for name, suite in suites.items():
-            sums = {mode: Run(0.0, 0.0, 0.0, []) for mode in modes}
+            sums = {mode: dict.fromkeys(KINDS, 0.0) for mode in modes}
             for index, tests in enumerate(shards[name]):
                 turn = (round_ + index) % len(modes)
                 for mode in modes[turn:] + modes[:turn]:
                     run = run_pytest(mode, suite, round_, tests, work)
                     if len(run.tests_s) != tests[1] - tests[0]:
                         print(f"{name} {mode}: ran {len(run.tests_s)} tests of {tests}")
-                    total = sums[mode]
-                    total.process_s += run.process_s
-                    total.session_s += run.session_s
-                    total.cpu_s += run.cpu_s
-            for mode, total in sums.items():
-                totals[(name, mode)]["session"].append(total.session_s)
-                totals[(name, mode)]["process"].append(total.process_s)
-                totals[(name, mode)]["cpu"].append(total.cpu_s)
-            seen = ", ".join(f"{mode} {sums[mode].session_s:.1f}s" for mode in modes)
+                    for kind, seconds in run.seconds().items():
+                        sums[mode][kind] += seconds
+            for mode in modes:
+                for kind in KINDS:
+                    totals[(name, mode)][kind].append(sums[mode][kind])
+            seen = ", ".join(f"{mode} {sums[mode]['session']:.1f}s" for mode in modes)
             print(f"round {round_ + 1}, {name}: {seen}", flush=True)
 
     print(f"\nmedians of {rounds} rounds, shards of about {shard_seconds:g}s plain")
@@ -259,21 +261,20 @@ def time_suites(suites: dict[str, Suite], rounds: int, shard_seconds: float, wor
     )
     for name in suites:
         plain = totals[(name, "plain")]
+        base = {kind: statistics.median(plain[kind]) for kind in KINDS}
         for mode in modes:
             mine = totals[(name, mode)]
-
-            def ratio(kind: str, mine=mine, plain=plain) -> float:
-                return statistics.median(mine[kind]) / statistics.median(plain[kind])
-
+            median = {kind: statistics.median(mine[kind]) for kind in KINDS}
+            ratio = {kind: median[kind] / base[kind] for kind in KINDS}
             paired = statistics.median(
                 run / base for run, base in zip(mine["session"], plain["session"])
             )
             best = min(mine["session"]) / min(plain["session"])
             print(
-                f"{name:<18} {mode:<9} {statistics.median(mine['session']):>9.2f}"
-                f" {ratio('session'):>5.2f}x {paired:>5.2f}x {best:>5.2f}x"
-                f" {statistics.median(mine['process']):>9.2f} {ratio('process'):>5.2f}x"
-                f" {statistics.median(mine['cpu']):>7.2f} {ratio('cpu'):>5.2f}x"
+                f"{name:<18} {mode:<9} {median['session']:>9.2f}"
+                f" {ratio['session']:>5.2f}x {paired:>5.2f}x {best:>5.2f}x"
+                f" {median['process']:>9.2f} {ratio['process']:>5.2f}x"
+                f" {median['cpu']:>7.2f} {ratio['cpu']:>5.2f}x"
             )
 
 
