@@ -22,8 +22,10 @@ mod lines;
 #[cfg(feature = "python")]
 pub mod scope;
 
+// The engine relies on the GIL (one owner of its state, no locks on the hooks' path): on a
+// free-threaded build, importing it re-enables the GIL rather than letting hooks race.
 #[cfg(feature = "python")]
-#[pyo3::pymodule]
+#[pyo3::pymodule(gil_used = true)]
 mod _native {
     #[pymodule_export]
     use crate::bindings::{cli_main, format_size, parse_size, rss_bytes, site_lookup, PyScope};

@@ -67,24 +67,41 @@ fn running_threads(py: Python<'_>) -> Vec<u64> {
 impl Scope {
     /// Opens a scope on the calling thread, reporting up to `top_sites` lines at the peak.
     pub fn open(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
-        Self::open_following(py, top_sites, running_threads(py))
+        Self::open_following(py, top_sites, running_threads(py), false)
+    }
+
+    /// Opens a scope measured apart: until it closes, the calling thread's allocations (and
+    /// those of threads it starts) count in it and not in the scopes already open, which never
+    /// see those blocks, their frees included. It reads no RSS: the enclosing scope's window
+    /// stays undisturbed.
+    pub fn open_apart(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
+        Self::open_following(py, top_sites, running_threads(py), true)
     }
 
     /// Opens a scope that follows every thread, the ones running now included.
     pub fn open_all_threads(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
-        Self::open_following(py, top_sites, Vec::new())
+        Self::open_following(py, top_sites, Vec::new(), false)
     }
 
     fn open_following(
         py: Python<'_>,
         top_sites: usize,
         threads_before: Vec<u64>,
+        apart: bool,
     ) -> Result<Scope, TrackerError> {
+        // A free-threaded build re-enables the GIL when it imports the engine (the module says
+        // it needs it), unless the user forced it off: then the hooks would race, so nothing opens.
+        #[cfg(Py_GIL_DISABLED)]
+        if !gil_enabled(py) {
+            return Err(TrackerError::GilDisabled);
+        }
         let opener = ffi::current_thread_id();
-        let rss_window = rss::open_window();
+        let rss_window = if apart { None } else { rss::open_window() };
         let started = Instant::now();
         let slot = ffi::with_engine(py, |engine| {
-            let slot = engine.tracker.open_scope(opener, threads_before)?;
+            let slot = engine
+                .tracker
+                .open_scope_as(opener, threads_before, apart)?;
             engine.set_siteless(slot, top_sites == 0);
             Ok(slot)
         });
@@ -165,6 +182,15 @@ impl Scope {
             leak_sites,
         }
     }
+}
+
+/// Whether this free-threaded interpreter runs with the GIL now (`sys._is_gil_enabled()`).
+#[cfg(Py_GIL_DISABLED)]
+fn gil_enabled(py: Python<'_>) -> bool {
+    py.import("sys")
+        .and_then(|sys| sys.call_method0("_is_gil_enabled"))
+        .and_then(|enabled| enabled.extract::<bool>())
+        .unwrap_or(false)
 }
 
 /// The sites that decide the top lines: the largest few hundred.

@@ -106,6 +106,11 @@ struct ScopeState {
     /// (sorted): those do not count, threads started later do.
     opener_thread: u64,
     threads_before: Vec<u64>,
+    /// The scope's epoch (see [`Block::epoch`]).
+    epoch: u32,
+    /// Set: the threads it follows count in it and in scopes opened after it, not in the
+    /// scopes that were open before (a stretch measured apart, such as a first import).
+    apart: bool,
     live: u64,
     peak: u64,
     allocated: u64,
@@ -176,6 +181,11 @@ pub enum TrackerError {
     TooManyScopes,
     #[error("measurement scope {0} is not open")]
     NotOpen(usize),
+    #[error(
+        "memgauge's engine needs the GIL, and this free-threaded Python runs without it \
+         (PYTHON_GIL=0 or -X gil=0): run without that setting to measure"
+    )]
+    GilDisabled,
 }
 
 /// A fast hash for addresses and site keys: a folded 128-bit multiply, good in the high and the
@@ -261,7 +271,19 @@ impl Tracker {
     pub fn open_scope(
         &mut self,
         opener_thread: u64,
+        threads_before: Vec<u64>,
+    ) -> Result<usize, TrackerError> {
+        self.open_scope_as(opener_thread, threads_before, false)
+    }
+
+    /// [`Tracker::open_scope`]; with `apart`, what the threads it follows allocate until it
+    /// closes counts in it (and scopes opened later), not in the scopes already open, and
+    /// their later frees of those blocks are not taken off those scopes either.
+    pub fn open_scope_as(
+        &mut self,
+        opener_thread: u64,
         mut threads_before: Vec<u64>,
+        apart: bool,
     ) -> Result<usize, TrackerError> {
         let slot = (!self.open_mask()).trailing_zeros() as usize;
         if slot >= MAX_SCOPES {
@@ -273,6 +295,8 @@ impl Tracker {
         self.scopes[slot] = ScopeState {
             opener_thread,
             threads_before,
+            epoch: self.epochs_opened,
+            apart,
             ..ScopeState::default()
         };
         Ok(slot)
@@ -325,11 +349,22 @@ impl Tracker {
         Some(figures)
     }
 
-    /// Which open scopes follow the thread `thread`.
+    /// Which open scopes follow the thread `thread`: all that do, or, when one of them is
+    /// measured apart, the newest such one and those opened after it.
     pub fn membership(&self, thread: u64) -> ScopeMask {
-        slots(self.open_mask())
+        let following = slots(self.open_mask())
             .filter(|&slot| self.scopes[slot].follows(thread))
-            .fold(0, |mask, slot| mask | (1 << slot))
+            .fold(0, |mask: ScopeMask, slot| mask | (1 << slot));
+        let newest_apart = slots(following)
+            .filter(|&slot| self.scopes[slot].apart)
+            .map(|slot| self.scopes[slot].epoch)
+            .max();
+        match newest_apart {
+            None => following,
+            Some(epoch) => slots(following)
+                .filter(|&slot| self.scopes[slot].epoch >= epoch)
+                .fold(0, |mask, slot| mask | (1 << slot)),
+        }
     }
 
     /// `mask` (open scopes, say from [`Tracker::membership`]) with the class of the blocks
@@ -635,6 +670,44 @@ mod tests {
             (outer_figures.peak_bytes, outer_figures.leaked_bytes),
             (2 * huge as u64, 0)
         );
+    }
+
+    #[test]
+    fn a_scope_apart_keeps_its_blocks_out_of_the_scopes_open_before() {
+        let mut tracker = Tracker::default();
+        let outer = open(&mut tracker);
+        tracker.on_alloc(0x1000, 100, 1, all(&tracker));
+        // A thread the outer scope follows and the apart one does not (it ran before).
+        let helper = 7;
+        let apart = tracker
+            .open_scope_as(ME, vec![ME, 2, helper], true)
+            .unwrap();
+        assert_eq!(all(&tracker), 1 << apart);
+        assert_eq!(tracker.membership(helper), 1 << outer);
+        tracker.on_alloc(0x2000, 5000, 2, all(&tracker));
+        tracker.on_alloc(0x3000, 700, 2, all(&tracker));
+        tracker.on_free(0x3000);
+        tracker.on_alloc(0x4000, 30, 3, tracker.membership(helper));
+        // A scope opened inside the apart one counts with it.
+        let inner = open(&mut tracker);
+        assert_eq!(all(&tracker), 1 << apart | 1 << inner);
+        tracker.on_alloc(0x5000, 9, 4, all(&tracker));
+        assert_eq!(tracker.close_scope(inner).unwrap().peak_bytes, 9);
+        let apart_figures = tracker.close_scope(apart).unwrap();
+        assert_eq!(
+            (apart_figures.peak_bytes, apart_figures.leaked_bytes),
+            (5700, 5009)
+        );
+        // Back in the outer scope alone: the apart blocks' frees change nothing in it.
+        assert_eq!(all(&tracker), 1 << outer);
+        tracker.on_free(0x2000);
+        tracker.on_alloc(0x6000, 40, 5, all(&tracker));
+        let outer_figures = tracker.close_scope(outer).unwrap();
+        assert_eq!(
+            (outer_figures.peak_bytes, outer_figures.leaked_bytes),
+            (170, 170)
+        );
+        assert_eq!(outer_figures.allocations, 3);
     }
 
     #[test]
