@@ -48,6 +48,9 @@ pub struct TestRecord {
     /// The memlimit limits the test ran with, as the plugin wrote them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Value>,
+    /// Every other key (`first_use`, `rss_sampled`, a newer writer's), as written.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 /// What the gate reads of a test, and no more: `memgauge compare` of 100,000 tests holds a
@@ -129,6 +132,9 @@ pub struct Results<R = TestRecord> {
     pub tool: Map<String, Value>,
     #[serde(default)]
     pub environment: Map<String, Value>,
+    /// What the figures include: how the collector, the seeds and first uses were handled.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub determinism: Map<String, Value>,
     pub tests: BTreeMap<String, R>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub benchmarks: BTreeMap<String, R>,
@@ -282,6 +288,20 @@ mod tests {
         assert_eq!(record.rss_delta_bytes, Some(-4096));
         assert_eq!(record.top_sites[0].line, 4);
         assert!(record.limits.is_some());
+    }
+
+    #[test]
+    fn a_newer_writers_keys_survive_a_round_trip() {
+        let text = r#"{"schema": 1, "determinism": {"seed": 0}, "tests": {"t.py::a":
+            {"outcome": "passed", "peak_bytes": 1, "rss_sampled": true,
+             "first_use": {"leaked_bytes": 5, "what": ["import json"]}, "from_the_future": [1]}}}"#;
+        let results = Results::<TestRecord>::parse(Path::new("r.json"), text).unwrap();
+        let again: Value = serde_json::to_value(&results).unwrap();
+        let record = &again["tests"]["t.py::a"];
+        assert_eq!(record["rss_sampled"], Value::Bool(true));
+        assert_eq!(record["first_use"]["what"][0], "import json");
+        assert_eq!(record["from_the_future"][0], 1);
+        assert_eq!(again["determinism"]["seed"], 0);
     }
 
     #[test]

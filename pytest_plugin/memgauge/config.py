@@ -56,6 +56,13 @@ OPTIONS = (
         choices=("call", "all"),
     ),
     Option(
+        "seed",
+        "--memprof-seed",
+        "the seed random, NumPy's global generator and hypothesis are reset to before each "
+        "measured test, so reruns draw the same values; 'off' leaves them alone; default 0",
+        "0",
+    ),
+    Option(
         "default-limit",
         "--memprof-default-limit",
         "a peak limit for every test without a memlimit marker, e.g. '200 MiB'",

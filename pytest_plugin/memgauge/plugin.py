@@ -20,6 +20,7 @@ import pytest
 import memgauge
 from memgauge import config as cfg
 from memgauge.benchmark import Memit
+from memgauge.determinism import Determinism
 
 MEMLIMIT_HELP = """memlimit(peak=None, *, rss=None, leak=None, allocations=None):
 fail the test when it needs more memory. A positional size limits the traced peak:
@@ -91,6 +92,7 @@ class Settings:
     top: int
     scope: str
     default_limit: dict[str, int] | None
+    seed: int | None
 
     @classmethod
     def load(cls, config: pytest.Config) -> Settings:
@@ -112,6 +114,13 @@ class Settings:
         default_limit = None
         if values["default-limit"]:
             default_limit = parse_limits("default-limit", (values["default-limit"],), {})
+        seed = str(values["seed"]).strip()
+        if seed.lower() == "off":
+            seed_value = None
+        elif seed.isdigit():
+            seed_value = int(seed)
+        else:
+            raise ValueError(f"seed must be a whole number ≥ 0 or 'off', not {seed!r}")
         output = Path(values["output"])
         if not output.is_absolute():
             output = output_base / output
@@ -121,6 +130,7 @@ class Settings:
             top=int(values["top"]),
             scope=str(values["scope"]),
             default_limit=default_limit,
+            seed=seed_value,
         )
 
 
@@ -203,6 +213,9 @@ class MemgaugePlugin:
         self.relative_files: dict[str, str] = {}
         # Under `memgauge run`, each test's span goes to its run file.
         self.run_file = os.environ.get("MEMGAUGE_RUN_FILE") if settings.memprof else None
+        self.determinism = Determinism(
+            settings.seed, randomly=config.pluginmanager.has_plugin("randomly")
+        )
 
     # ----- collection: read and check every limit up front -----
 
@@ -258,10 +271,12 @@ class MemgaugePlugin:
     def start(self, item: pytest.Item) -> None:
         if not self.wants(item) or SCOPE_KEY in item.stash:
             return
+        self.determinism.before()
         scope = memgauge.measure(top_sites=5)
         try:
             scope.start()
         except RuntimeError as error:
+            self.determinism.after()
             warnings.warn(f"memgauge: {item.nodeid} not measured: {error}", stacklevel=1)
             return
         item.stash[SCOPE_KEY] = scope
@@ -271,10 +286,13 @@ class MemgaugePlugin:
         if scope is None:
             return
         del item.stash[SCOPE_KEY]
+        first_use = self.determinism.after()
         scope.stop()
         measured = scope.to_dict()
         for site in measured["top_sites"]:
             site["file"] = self.relative(site["file"])
+        if first_use is not None:
+            measured["first_use"] = first_use
         item.stash[MEASUREMENT_KEY] = measured
         for figure in FIGURES:
             item.user_properties.append((f"memgauge_{figure}", measured[figure]))
@@ -412,12 +430,14 @@ class MemgaugePlugin:
             self.write_stream({"event": "test", "id": key, **entry})
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.determinism.close()
         if self.is_worker or not self.settings.memprof:
             return
         document = {
             "schema": RESULTS_SCHEMA,
             "tool": {"name": "memgauge", "version": memgauge.__version__},
             "environment": environment(),
+            "determinism": self.determinism.describe(),
             "tests": self.results,
         }
         if self.benchmarks:

@@ -1,0 +1,163 @@
+"""A test's gated figures are a function of the test alone: not of what ran before it, in which
+order, or what the random generators drew. Each run is a fresh process, as a rerun in CI is."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+MiB = 2**20
+
+pytest_plugins = ["pytester"]
+
+
+def figures(pytester: pytest.Pytester, *args: str) -> dict[str, dict]:
+    result = pytester.runpytest_subprocess("--memprof", "-p", "no:randomly", *args)
+    assert result.ret == 0, result.stdout.str()
+    return json.loads((pytester.path / ".memgauge/results.json").read_text())["tests"]
+
+
+def gated(record: dict) -> tuple[int, int]:
+    return record["peak_bytes"], record["leaked_bytes"]
+
+
+CYCLES = """
+class Node:
+    def __init__(self, payload):
+        self.payload = payload
+        self.partner = None
+
+def make_cycles(count, size):
+    for _ in range(count):
+        a, b = Node(bytearray(size)), Node(bytearray(size))
+        a.partner, b.partner = b, a
+
+{others}
+
+def test_z_target():
+    make_cycles(3000, 1000)
+"""
+
+OTHER = """
+def test_other_{n:03}():
+    make_cycles({count}, 100)
+"""
+
+
+def test_cycles_give_the_same_figures_after_200_cycle_making_tests_or_none(
+    pytester: pytest.Pytester,
+):
+    # The others leave the collector's counters at a different point each: without settling
+    # it, the target's garbage would be collected at different moments (its peak moves by
+    # hundreds of KiB between these two runs).
+    others = "".join(OTHER.format(n=n, count=1 + n * 7 % 500) for n in range(200))
+    pytester.makepyfile(test_cycles=CYCLES.format(others=others))
+    target = "test_cycles.py::test_z_target"
+    after_others = figures(pytester)[target]
+    alone = figures(pytester, "-k", "test_z_target")[target]
+    assert gated(after_others) == gated(alone)
+    # The cycles are garbage the collector takes during the test: the peak is far below the
+    # 6 MB the test allocates, and nothing is left.
+    assert after_others["allocated_bytes"] > 6_000_000
+    assert after_others["peak_bytes"] < 3 * MiB
+    assert after_others["leaked_bytes"] < 64 * 1024
+
+
+FIRST_USE = """
+import re
+
+def test_{name}():
+    import heavy_helper
+    assert heavy_helper.TABLE
+    pattern = re.compile(r"([a-z]+)=(\\d+);" * 40)
+    assert pattern.pattern
+    data = bytearray({size})
+    del data
+"""
+
+
+def test_first_imports_and_regexes_are_reported_apart_in_either_order(
+    pytester: pytest.Pytester,
+):
+    pytester.makepyfile(heavy_helper="TABLE = [bytearray(1000) for _ in range(1000)]\n")
+    pytester.makepyfile(
+        test_a=FIRST_USE.format(name="a", size=2 * MiB),
+        test_b=FIRST_USE.format(name="b", size=3 * MiB),
+    )
+    forward = figures(pytester, "test_a.py", "test_b.py")
+    backward = figures(pytester, "test_b.py", "test_a.py")
+    for test in ("test_a.py::test_a", "test_b.py::test_b"):
+        # What a first use frees feeds CPython's free lists, which the test may then draw on
+        # (a tuple, a list) without calling the allocator: the one residue, some bytes.
+        assert forward[test]["leaked_bytes"] == backward[test]["leaked_bytes"], test
+        assert abs(forward[test]["peak_bytes"] - backward[test]["peak_bytes"]) < 1024, test
+    # The first test of each run paid for the import and the regex, reported apart.
+    first, second = forward["test_a.py::test_a"], forward["test_b.py::test_b"]
+    assert "first_use" not in second
+    paid = first["first_use"]
+    assert paid["what"][0] == "import heavy_helper"
+    assert any(what.startswith("re.compile(") for what in paid["what"])
+    assert 1_000_000 < paid["leaked_bytes"] < 1_300_000
+    assert paid["peak_bytes"] >= paid["leaked_bytes"]
+    assert backward["test_b.py::test_b"]["first_use"]["leaked_bytes"] == paid["leaked_bytes"]
+    # What a test allocates itself is still its own.
+    assert 2 * MiB <= first["peak_bytes"] < 2 * MiB + 64 * 1024
+
+
+RANDOM = """
+import random
+
+from hypothesis import given, settings, strategies as st
+
+@settings(max_examples=30, database=None)
+@given(st.lists(st.integers(min_value=0, max_value=2**18), max_size=50))
+def test_hypothesis(sizes):
+    test_hypothesis.kept = getattr(test_hypothesis, "kept", []) + [bytearray(sum(sizes))]
+
+def test_unseeded_random():
+    data = bytearray(random.randint(1, 8 * 2**20))
+    test_unseeded_random.kept = bytearray(random.randint(1, 2**20))
+    del data
+"""
+
+
+def test_hypothesis_and_unseeded_random_give_the_same_figures_on_two_runs(
+    pytester: pytest.Pytester,
+):
+    pytest.importorskip("hypothesis")
+    pytester.makepyfile(test_random=RANDOM)
+    first, second = figures(pytester), figures(pytester)
+    random_test, hypothesis_test = (
+        "test_random.py::test_unseeded_random",
+        "test_random.py::test_hypothesis",
+    )
+    assert gated(first[random_test]) == gated(second[random_test])
+    # Hypothesis draws the same examples (they keep about 5 MB); its own caches, keyed by
+    # object identity, differ by a few KiB from process to process.
+    for figure in ("peak_bytes", "leaked_bytes"):
+        assert first[hypothesis_test][figure] > 4_000_000
+        assert abs(first[hypothesis_test][figure] - second[hypothesis_test][figure]) < 16 * 1024
+    # Another seed draws other values; `off` leaves the generators alone.
+    other = figures(pytester, "--memprof-seed", "7")
+    assert gated(other[random_test]) != gated(first[random_test])
+    assert abs(other[hypothesis_test]["peak_bytes"] - first[hypothesis_test]["peak_bytes"]) > 2**16
+    unseeded = [figures(pytester, "--memprof-seed", "off") for _ in range(2)]
+    assert gated(unseeded[0][random_test]) != gated(unseeded[1][random_test])
+
+
+def test_the_results_say_what_the_figures_include(pytester: pytest.Pytester):
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    pytester.runpytest_subprocess("--memprof", "--memprof-seed", "off").assert_outcomes(passed=1)
+    document = json.loads((pytester.path / ".memgauge/results.json").read_text())
+    determinism = document["determinism"]
+    assert determinism["seed"] is None
+    assert "frozen" in determinism["gc"]
+    assert "first_use" in determinism["first_use"]
+
+
+def test_a_seed_that_is_not_a_number_is_a_usage_error(pytester: pytest.Pytester):
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest_subprocess("--memprof", "--memprof-seed", "seven")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*seed must be a whole number*'seven'*"])
