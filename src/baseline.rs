@@ -33,6 +33,9 @@ pub struct Thresholds {
 pub struct Entry {
     /// By the index in [`FIGURES`].
     pub figures: [Option<u64>; FIGURES.len()],
+    /// How far each figure moved across the runs `baseline update` learned it from (largest
+    /// minus smallest), written as `<figure>_spread`; compare allows that much, and says so.
+    pub spreads: [Option<u64>; FIGURES.len()],
     pub thresholds: Thresholds,
 }
 
@@ -325,12 +328,17 @@ fn entry(path: &Path, id: &str, test: &Raw) -> Result<Entry> {
         if key == "tolerance" || key == "floor" {
             continue;
         }
-        let Some(index) = FIGURES.iter().position(|(name, _)| name == key) else {
+        let (name, spread) = match key.strip_suffix("_spread") {
+            Some(name) => (name, true),
+            None => (&**key, false),
+        };
+        let Some(index) = FIGURES.iter().position(|(figure, _)| *figure == name) else {
             let known: Vec<_> = FIGURES.iter().map(|f| f.0).collect();
             return Err(Error::invalid(
                 path,
                 format!(
-                    "key {}{key}: unknown; a test has {}, tolerance and floor",
+                    "key {}{key}: unknown; a test has {} (each with a <figure>_spread), \
+                     tolerance and floor",
                     at(),
                     known.join(", ")
                 ),
@@ -346,6 +354,10 @@ fn entry(path: &Path, id: &str, test: &Raw) -> Result<Entry> {
                 format!("key {}{key}: must be a whole number ≥ 0", at()),
             )
         })?;
+        if spread {
+            entry.spreads[index] = Some(bytes);
+            continue;
+        }
         entry.figures[index] = Some(bytes);
     }
     Ok(entry)
@@ -421,23 +433,47 @@ impl Baseline {
 
     /// This baseline with the figures of every passed test in `results`.
     pub fn updated(&self, results: &Results, prune: bool) -> Baseline {
+        self.updated_from_runs(std::slice::from_ref(results), prune)
+    }
+
+    /// This baseline with the figures of every test that passed in `runs`, reruns of one
+    /// suite: each figure is the median of the runs (the lower one of an even count) and, from
+    /// two runs on, its spread is what it moved across them. From one run, a test keeps the
+    /// spread it had.
+    pub fn updated_from_runs(&self, runs: &[Results], prune: bool) -> Baseline {
         let mut next = self.clone();
         if prune {
             next.tests.retain(|id, _| {
-                results.tests.contains_key(id) || results.benchmarks.contains_key(id)
+                runs.iter().any(|results| {
+                    results.tests.contains_key(id) || results.benchmarks.contains_key(id)
+                })
             });
         }
-        for (id, record) in results.entries() {
-            if record.outcome != "passed" || record.peak_bytes.is_none() {
-                continue;
+        let mut measured: BTreeMap<&String, Vec<[Option<u64>; FIGURES.len()]>> = BTreeMap::new();
+        for results in runs {
+            for (id, record) in results.entries() {
+                if record.outcome != "passed" || record.peak_bytes.is_none() {
+                    continue;
+                }
+                measured.entry(id).or_default().push([
+                    record.peak_bytes,
+                    record.leaked_bytes,
+                    record.rss_peak_bytes,
+                    record.allocations,
+                ]);
             }
-            let values = [
-                record.peak_bytes,
-                record.leaked_bytes,
-                record.rss_peak_bytes,
-                record.allocations,
-            ];
-            next.tests.entry(id.clone()).or_default().figures = values;
+        }
+        for (id, observed) in measured {
+            let entry = next.tests.entry(id.clone()).or_default();
+            for index in 0..FIGURES.len() {
+                let mut values: Vec<u64> = observed.iter().filter_map(|v| v[index]).collect();
+                values.sort_unstable();
+                entry.figures[index] = values.get((values.len().max(1) - 1) / 2).copied();
+                if runs.len() > 1 {
+                    let spread = values.last().zip(values.first()).map(|(hi, lo)| hi - lo);
+                    entry.spreads[index] = spread.filter(|&spread| spread > 0);
+                }
+            }
         }
         next
     }
@@ -446,6 +482,7 @@ impl Baseline {
         let mut out = String::new();
         out.push_str("# memgauge baseline: `memgauge baseline update` writes it; review its diffs like code.\n");
         out.push_str("# Sizes are bytes. A test may set its own tolerance = \"20%\" and floor = \"1 MiB\".\n");
+        out.push_str("# <figure>_spread: how far it moved across the runs it was learned from.\n");
         let _ = writeln!(out, "schema = {SCHEMA}");
         let write_thresholds = |out: &mut String, t: &Thresholds| {
             if let Some(text) = &t.tolerance_text {
@@ -461,9 +498,12 @@ impl Baseline {
         }
         for (id, entry) in &self.tests {
             let _ = write!(out, "\n[tests.{}]\n", quoted(id));
-            for ((figure, _), value) in FIGURES.iter().zip(entry.figures) {
-                if let Some(value) = value {
+            for (index, (figure, _)) in FIGURES.iter().enumerate() {
+                if let Some(value) = entry.figures[index] {
                     let _ = writeln!(out, "{figure} = {value}");
+                }
+                if let Some(spread) = entry.spreads[index] {
+                    let _ = writeln!(out, "{figure}_spread = {spread}");
                 }
             }
             write_thresholds(&mut out, &entry.thresholds);
@@ -533,6 +573,43 @@ mod tests {
     }
 
     #[test]
+    fn several_runs_give_the_median_and_the_spread() {
+        let run = |peak: u64, leaked: u64| {
+            Results::parse(
+                Path::new("r.json"),
+                &format!(
+                    r#"{{"schema": 1, "tests": {{"a.py::t": {{"outcome": "passed",
+                    "peak_bytes": {peak}, "leaked_bytes": {leaked}}}}}}}"#
+                ),
+            )
+            .unwrap()
+        };
+        let runs = [run(300, 7), run(100, 7), run(200, 7)];
+        let baseline = Baseline::default().updated_from_runs(&runs, false);
+        let entry = &baseline.tests["a.py::t"];
+        assert_eq!(entry.get("peak_bytes"), Some(200));
+        assert_eq!(entry.spreads[0], Some(200));
+        // A figure that did not move has no spread.
+        assert_eq!(
+            (entry.get("leaked_bytes"), entry.spreads[1]),
+            (Some(7), None)
+        );
+        let text = baseline.render();
+        assert!(text.contains("peak_bytes = 200\npeak_bytes_spread = 200\nleaked_bytes = 7\n"));
+        assert_eq!(
+            Baseline::parse(Path::new("b.toml"), &text).unwrap(),
+            baseline
+        );
+        // One run later: new figures, the learned spread stays.
+        let again = baseline.updated(&run(250, 9), false);
+        assert_eq!(again.tests["a.py::t"].get("peak_bytes"), Some(250));
+        assert_eq!(again.tests["a.py::t"].spreads[0], Some(200));
+        // Two runs: the lower median.
+        let two = Baseline::default().updated_from_runs(&runs[..2], false);
+        assert_eq!(two.tests["a.py::t"].get("peak_bytes"), Some(100));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let error = |text: &str| {
             Baseline::parse(Path::new("b.toml"), text)
@@ -566,6 +643,7 @@ mod tests {
             tests in proptest::collection::btree_map(
                 "(\\PC|[\"\\\\\n\r\t\u{1}\u{7f}\u{e9}\u{1F600}]){0,12}",
                 (proptest::array::uniform4(proptest::option::of(0..=i64::MAX as u64)),
+                 proptest::array::uniform4(proptest::option::of(0..=i64::MAX as u64)),
                  proptest::option::of("[0-9]{1,3}(\\.[0-9])?%"),
                  proptest::option::of("[0-9]{1,4}( (B|KiB|MB))?")),
                 0..6,
@@ -582,8 +660,8 @@ mod tests {
                 defaults: thresholds(default_tolerance, None),
                 tests: tests
                     .into_iter()
-                    .map(|(id, (figures, tolerance, floor))| {
-                        (id, Entry { figures, thresholds: thresholds(tolerance, floor) })
+                    .map(|(id, (figures, spreads, tolerance, floor))| {
+                        (id, Entry { figures, spreads, thresholds: thresholds(tolerance, floor) })
                     })
                     .collect(),
             };
@@ -603,7 +681,7 @@ mod tests {
         fn the_fast_reader_agrees_or_steps_aside(text in concat!(
             r#"(# [a-z\t\u{1}]{0,3}\n)?(schema = (1|1|1|1|1|2|"1")\n)?(\[defaults\]\n(tolerance = "[0-9]{1,2}%"\n)?)?"#,
             r#"(\[tests\."([a-z]|[a-z]|[a-z]|[a-z]|"|\\|\\u00[0-9a-f]{2}|\\[nt"\\]){1,4}"\]\n"#,
-            r#"((peak_bytes|leaked_bytes|allocations|rss_peak_bytes) = (0|[1-9][0-9]{0,17})\n"#,
+            r#"((peak_bytes|leaked_bytes|allocations|rss_peak_bytes)(_spread)? = (0|[1-9][0-9]{0,17})\n"#,
             r#"|tolerance = "[0-9]{1,2}%"\n|floor = ("[0-9]{1,3} KiB"|[0-9]{1,5})\n"#,
             r#"|([a-z]{1,2}|peak_bytes)( = |=| =)(-1|01|[0-9]|"x\\y")\n){0,4}\n?){0,3}"#,
         )) {

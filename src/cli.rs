@@ -236,7 +236,9 @@ enum BaselineCommand {
 
 #[derive(Debug, Args)]
 struct UpdateArgs {
-    results: Option<PathBuf>,
+    /// Results files [default: .memgauge/results.json]. Several reruns of the suite: each
+    /// figure is their median, and what it moved across them is kept as its spread.
+    results: Vec<PathBuf>,
     #[arg(long)]
     baseline: Option<PathBuf>,
     /// Drop tests that are not in the results.
@@ -487,10 +489,19 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
 }
 
 fn run_update(args: UpdateArgs, settings: &Settings) -> Result<ExitStatus> {
-    let results = Results::load(&settings.results_path(args.results))?;
+    let paths = if args.results.is_empty() {
+        vec![settings.results_path(None)]
+    } else {
+        args.results
+    };
+    let runs = paths
+        .iter()
+        .map(|path| Results::load(path))
+        .collect::<Result<Vec<_>>>()?;
+    same_environment(&paths, &runs)?;
     let path = settings.baseline_path(args.baseline);
     let (old, old_text) = Baseline::load_or_empty(&path)?;
-    let new_text = old.updated(&results, args.prune).render();
+    let new_text = old.updated_from_runs(&runs, args.prune).render();
     let old_text = old_text.unwrap_or_default();
     if old_text == new_text {
         println!("memgauge: {} is up to date", path.display());
@@ -507,6 +518,38 @@ fn run_update(args: UpdateArgs, settings: &Settings) -> Result<ExitStatus> {
     write_atomically(&path, new_text.as_bytes())?;
     println!("memgauge: wrote {}", path.display());
     Ok(ExitStatus::Success)
+}
+
+/// Reruns learned together must come from one environment: a spread across two Pythons or
+/// machines is not noise.
+fn same_environment(paths: &[PathBuf], runs: &[Results]) -> Result<()> {
+    const KEYS: [&str; 4] = ["implementation", "python", "platform", "machine"];
+    let describe = |results: &Results| {
+        KEYS.map(|key| {
+            results
+                .environment
+                .get(key)
+                .and_then(|value| value.as_str())
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .join(" ")
+    };
+    let first = describe(&runs[0]);
+    for (path, results) in paths.iter().zip(runs).skip(1) {
+        let this = describe(results);
+        if this != first {
+            return Err(Error::invalid(
+                path,
+                format!(
+                    "measured on {this}, and {} on {first}: a baseline learns reruns of one \
+                     environment; update it from each environment's results separately",
+                    paths[0].display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn run_merge(args: MergeArgs) -> Result<ExitStatus> {

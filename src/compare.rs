@@ -80,6 +80,9 @@ pub struct Change {
     pub change_percent: Option<f64>,
     pub tolerance_percent: f64,
     pub floor: u64,
+    /// What the figure moved across the runs the baseline learned it from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -117,6 +120,10 @@ pub struct Verdict<'a> {
 pub struct Comparison<'a> {
     pub regressions: Vec<Change>,
     pub improvements: Vec<Change>,
+    /// Changes beyond the tolerance and the floor but within the figure's learned spread:
+    /// not gated, and shown as noisy.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub noisy: Vec<Change>,
     pub new_tests: Vec<String>,
     pub missing_tests: Vec<String>,
     /// Tests in the results without figures (crashed, or failed before measuring).
@@ -203,6 +210,7 @@ pub fn compare<'a, R: Record>(
             if !(beyond_tolerance && beyond_floor) {
                 continue;
             }
+            let spread = entry.spreads[figure as usize];
             let record_change = Change {
                 test: id.clone(),
                 figure: figure.name(),
@@ -212,9 +220,14 @@ pub fn compare<'a, R: Record>(
                 change_percent: (base > 0).then(|| change as f64 * 100.0 / base as f64),
                 tolerance_percent: tolerance * 100.0,
                 floor,
+                spread,
                 file: record.file().map(str::to_owned),
                 line: record.line(),
             };
+            if change.unsigned_abs() <= u128::from(spread.unwrap_or(0)) {
+                comparison.noisy.push(record_change);
+                continue;
+            }
             changed = true;
             if change > 0 {
                 regressed = true;
@@ -335,6 +348,23 @@ mod tests {
         let lenient = Baseline::parse(Path::new("b.toml"), text).unwrap();
         let results = sample::<GateRecord>(12_000_000, 1);
         assert!(!compare(&results, &lenient, &Policy::default()).has_regressions());
+    }
+
+    #[test]
+    fn a_change_within_the_learned_spread_is_noisy_not_a_regression() {
+        let text = "schema = 1\n[tests.\"t.py::a\"]\npeak_bytes = 10000000\n\
+            peak_bytes_spread = 3000000\n[tests.\"t.py::b\"]\npeak_bytes = 1000\n";
+        let baseline = Baseline::parse(Path::new("b.toml"), text).unwrap();
+        let results = sample::<GateRecord>(12_500_000, 1_000);
+        let within = compare(&results, &baseline, &Policy::default());
+        assert!(!within.has_regressions());
+        assert_eq!(within.noisy.len(), 1);
+        assert_eq!(within.noisy[0].spread, Some(3_000_000));
+        assert_eq!(within.unchanged, 2);
+        let results = sample::<GateRecord>(13_500_000, 1_000);
+        let beyond = compare(&results, &baseline, &Policy::default());
+        assert_eq!(beyond.regressions.len(), 1);
+        assert!(beyond.noisy.is_empty());
     }
 
     #[test]

@@ -39,13 +39,25 @@ fn describe(change: &Change) -> String {
 }
 
 fn summary_line(comparison: &Comparison) -> String {
+    let noisy = match comparison.noisy.len() {
+        0 => String::new(),
+        n => format!(" ({n} noisy: within their learned spread)"),
+    };
     format!(
-        "{} regressions, {} improvements, {} new, {} missing, {} unchanged",
+        "{} regressions, {} improvements, {} new, {} missing, {} unchanged{noisy}",
         comparison.regressions.len(),
         comparison.improvements.len(),
         comparison.new_tests.len(),
         comparison.missing_tests.len(),
         comparison.unchanged,
+    )
+}
+
+/// `noisy: spread 1.00 MiB`: why a change beyond the tolerance is not gated.
+fn spread_note(change: &Change) -> String {
+    format!(
+        "noisy: spread {}",
+        amount(change, change.spread.unwrap_or(0).into())
     )
 }
 
@@ -65,6 +77,15 @@ pub fn comparison(comparison: &Comparison, format: Format, header: &str) -> Stri
             }
             for change in &comparison.improvements {
                 let _ = writeln!(out, "improved    {}  {}", change.test, describe(change));
+            }
+            for change in &comparison.noisy {
+                let note = spread_note(change);
+                let _ = writeln!(
+                    out,
+                    "noisy       {}  {} ({note})",
+                    change.test,
+                    describe(change)
+                );
             }
             for test in &comparison.new_tests {
                 let _ = writeln!(out, "new         {test}  (not in the baseline)");
@@ -109,6 +130,7 @@ pub fn markdown(comparison: &Comparison, header: &str) -> String {
                 .iter()
                 .map(|c| (":green_circle: improved", c)),
         )
+        .chain(comparison.noisy.iter().map(|c| (":white_circle: noisy", c)))
         .collect();
     if !rows.is_empty() {
         out.push_str(
@@ -118,9 +140,14 @@ pub fn markdown(comparison: &Comparison, header: &str) -> String {
             let percent = change
                 .change_percent
                 .map_or("n/a".to_owned(), |p| format!("{p:+.1}%"));
+            let noisy = if change.spread.is_some() && label.ends_with("noisy") {
+                format!(", {}", spread_note(change))
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "| {label} | `{}` | {} | {} | {} | {} ({percent}) |",
+                "| {label} | `{}` | {} | {} | {} | {} ({percent}{noisy}) |",
                 markdown_cell(&change.test),
                 change.figure,
                 amount(change, change.baseline.into()),

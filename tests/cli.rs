@@ -373,3 +373,76 @@ fn a_crashed_run_is_gated_on_what_it_finished() {
         serde_json::json!(["t.py::test[\"q\" $HOME `tick` é]"])
     );
 }
+
+#[test]
+fn a_baseline_learned_from_reruns_allows_their_spread_visibly() {
+    let dir = tempfile_dir::Dir::new();
+    for (name, peak) in [
+        ("r1.json", 10_000_000),
+        ("r2.json", 11_500_000),
+        ("r3.json", 10_400_000),
+    ] {
+        std::fs::write(dir.path().join(name), results(peak)).unwrap();
+    }
+    let out = memgauge(
+        dir.path(),
+        &[
+            "baseline",
+            "update",
+            "r1.json",
+            "r2.json",
+            "r3.json",
+            "--baseline",
+            "b.toml",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let baseline = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
+    assert!(
+        baseline.contains("peak_bytes = 10400000\npeak_bytes_spread = 1500000\n"),
+        "{baseline}"
+    );
+
+    // +1.5 MB (14%): beyond the tolerance and the floor, within the spread: exit 0, said.
+    std::fs::write(dir.path().join("now.json"), results(11_900_000)).unwrap();
+    let out = compare(dir.path(), &["--format", "text"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("noisy       t.py::a  peak 9.92 MiB -> 11.35 MiB"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("(noisy: spread 1.43 MiB)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains("0 regressions"), "{}", stdout(&out));
+    let json = compare(dir.path(), &["--format", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["noisy"][0]["spread"], 1_500_000);
+
+    // Beyond the spread: a regression.
+    std::fs::write(dir.path().join("now.json"), results(12_000_000)).unwrap();
+    assert_eq!(compare(dir.path(), &[]).status.code(), Some(1));
+}
+
+#[test]
+fn reruns_from_two_environments_are_refused() {
+    let dir = tempfile_dir::Dir::new();
+    std::fs::write(dir.path().join("a.json"), results(10)).unwrap();
+    let other = results(10).replace(
+        r#""environment": {}"#,
+        r#""environment": {"python": "3.12.1"}"#,
+    );
+    std::fs::write(dir.path().join("b.json"), other).unwrap();
+    let out = memgauge(dir.path(), &["baseline", "update", "a.json", "b.json"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("b.json: measured on ? 3.12.1 ? ?"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.path().join("memgauge-baseline.toml").exists());
+}
