@@ -56,7 +56,11 @@ def test_cycles_give_the_same_figures_after_200_cycle_making_tests_or_none(
     target = "test_cycles.py::test_z_target"
     after_others = figures(pytester)[target]
     alone = figures(pytester, "-k", "test_z_target")[target]
-    assert gated(after_others) == gated(alone)
+    assert after_others["leaked_bytes"] == alone["leaked_bytes"]
+    # The young generation's schedule counts every object made or freed since the collector
+    # was settled, pytest's own among them (a first test does a little more): a few objects'
+    # difference moves the peak by their share of the garbage, here about 1 KiB.
+    assert abs(after_others["peak_bytes"] - alone["peak_bytes"]) < 4096
     # The cycles are garbage the collector takes during the test: the peak is far below the
     # 6 MB the test allocates, and nothing is left.
     assert after_others["allocated_bytes"] > 6_000_000
