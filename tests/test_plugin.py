@@ -442,3 +442,33 @@ def test_memgauge_compare_gates_benchmarks(pytester: pytest.Pytester):
     compare = pytester.run("memgauge", "compare")
     assert compare.ret == 1
     compare.stdout.fnmatch_lines(["*test_bench.py::test_b::bytearray*"])
+
+
+def test_a_limited_test_that_cannot_be_measured_fails(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        test_full="""
+        import pytest
+        import memgauge
+
+        @pytest.fixture
+        def every_scope_taken():
+            scopes = [memgauge.measure() for _ in range(32)]
+            for scope in scopes:
+                scope.start()
+            yield
+            for scope in reversed(scopes):
+                scope.stop()
+
+        @pytest.mark.memlimit("1 GiB")
+        def test_limited(every_scope_taken):
+            pass
+
+        def test_unlimited(every_scope_taken):
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        ["*MEMORY: test_full.py::test_limited has a memory limit, and it could not be measured*"]
+    )

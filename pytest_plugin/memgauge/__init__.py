@@ -13,9 +13,34 @@ flake. RSS figures (``rss_peak_bytes``, ``rss_delta_bytes``) are what the OS gav
 native libraries included.
 """
 
+from __future__ import annotations
+
+import sys
+import sysconfig
+import warnings
 from typing import Any
 
 from memgauge._native import Scope, __version__, format_size, parse_size, rss_bytes
+
+
+def _free_threading_note() -> str | None:
+    """What importing the engine did on a free-threaded build (None on any other build)."""
+    if not sysconfig.get_config_var("Py_GIL_DISABLED"):
+        return None
+    if sys._is_gil_enabled():  # type: ignore[attr-defined]
+        return (
+            "memgauge: its engine needs the GIL, so this free-threaded Python runs with the GIL "
+            "from here on (threads take turns, as on a default build); the figures are exact"
+        )
+    return (
+        "memgauge: its engine needs the GIL, and it is forced off here (PYTHON_GIL=0 or "
+        "-X gil=0): nothing can be measured; run without that setting"
+    )
+
+
+_note = _free_threading_note()
+if _note is not None:
+    warnings.warn(_note, RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "LineProfiler",

@@ -46,6 +46,8 @@ FIGURES = (
 MEASUREMENT_KEY = pytest.StashKey[dict]()
 BENCHMARKS_KEY = pytest.StashKey[list]()
 SCOPE_KEY = pytest.StashKey[Any]()
+# Why a test with a limit could not be measured: it fails rather than passes unchecked.
+UNMEASURED_KEY = pytest.StashKey[str]()
 RESULTS_SCHEMA = 1
 
 
@@ -277,7 +279,10 @@ class MemgaugePlugin:
             scope.start()
         except RuntimeError as error:
             self.determinism.after()
-            warnings.warn(f"memgauge: {item.nodeid} not measured: {error}", stacklevel=1)
+            if item.nodeid in self.limits:
+                item.stash[UNMEASURED_KEY] = str(error)
+            else:
+                warnings.warn(f"memgauge: {item.nodeid} not measured: {error}", stacklevel=1)
             return
         item.stash[SCOPE_KEY] = scope
 
@@ -340,7 +345,18 @@ class MemgaugePlugin:
             report.memgauge_benchmarks = [dict(record) for record in item.stash[BENCHMARKS_KEY]]
         measured = item.stash.get(MEASUREMENT_KEY, None)
         when = "call" if self.settings.scope == "call" else "teardown"
-        if measured is None or call.when != when:
+        if call.when != when:
+            return report
+        unmeasured = item.stash.get(UNMEASURED_KEY, None)
+        if unmeasured is not None and report.passed:
+            report.outcome = "failed"
+            report.longrepr = (
+                f"MEMORY: {item.nodeid} has a memory limit, and it could not be measured: "
+                f"{unmeasured}"
+            )
+            report.memgauge_exceeded = True
+            return report
+        if measured is None:
             return report
         limits = self.limits.get(item.nodeid)
         record = {**measured, "limits": limits or {}}
