@@ -165,3 +165,29 @@ def test_a_seed_that_is_not_a_number_is_a_usage_error(pytester: pytest.Pytester)
     result = pytester.runpytest_subprocess("--memprof", "--memprof-seed", "seven")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*seed must be a whole number*'seven'*"])
+
+
+def test_the_collector_is_left_as_the_test_found_it(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        test_gc="""
+        import gc
+
+        def test_a_measured_test_runs_without_automatic_full_collections():
+            assert gc.get_threshold()[:2] == (500, 7)
+            assert gc.get_threshold()[2] > 10**9
+
+        def test_its_own_thresholds_are_kept():
+            gc.set_threshold(123, 4, 5)
+
+        def test_after():
+            assert gc.get_threshold()[:2] == (123, 4)
+        """,
+        conftest="import gc\ngc.set_threshold(500, 7, 9)\n",
+    )
+    result = pytester.runpytest_subprocess("--memprof", "-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    # Unmeasured, the thresholds are CPython's own.
+    pytester.makepyfile(
+        test_gc="import gc\n\ndef test_plain():\n    assert gc.get_threshold() == (500, 7, 9)\n"
+    )
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=1)
