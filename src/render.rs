@@ -16,6 +16,28 @@ pub enum Format {
     Html,
 }
 
+/// A test id or path for a line of text output: control characters escaped (`\n` as `\\n`),
+/// so that a crafted id cannot start a line of its own, which GitHub Actions would read as a
+/// workflow command. Borrowed when there is nothing to escape, as nearly always.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn amount(change: &Change, value: i128) -> String {
     if change.figure == "allocations" {
         value.to_string()
@@ -73,10 +95,12 @@ pub fn comparison(comparison: &Comparison, format: Format, header: &str) -> Stri
         Format::Text => {
             let mut out = format!("{header}\n");
             for change in &comparison.regressions {
-                let _ = writeln!(out, "REGRESSION  {}  {}", change.test, describe(change));
+                let test = printable(&change.test);
+                let _ = writeln!(out, "REGRESSION  {test}  {}", describe(change));
             }
             for change in &comparison.improvements {
-                let _ = writeln!(out, "improved    {}  {}", change.test, describe(change));
+                let test = printable(&change.test);
+                let _ = writeln!(out, "improved    {test}  {}", describe(change));
             }
             for change in &comparison.noisy {
                 let note = spread_note(change);
@@ -88,15 +112,18 @@ pub fn comparison(comparison: &Comparison, format: Format, header: &str) -> Stri
                 );
             }
             for test in &comparison.new_tests {
+                let test = printable(test);
                 let _ = writeln!(out, "new         {test}  (not in the baseline)");
             }
             for test in &comparison.missing_tests {
+                let test = printable(test);
                 let _ = writeln!(
                     out,
                     "missing     {test}  (in the baseline, not in the results)"
                 );
             }
             for test in &comparison.unmeasured_tests {
+                let test = printable(test);
                 let _ = writeln!(
                     out,
                     "unmeasured  {test}  (no figures: crashed or failed early)"
@@ -194,6 +221,7 @@ pub fn results(results: &Results, format: Format) -> String {
             );
             for (id, r) in rows {
                 let allocations = r.allocations.map_or("n/a".to_owned(), |a| a.to_string());
+                let id = printable(id);
                 let _ = writeln!(
                     out,
                     "{:>12} {:>12} {:>12} {allocations:>10}  {id}",
@@ -409,6 +437,15 @@ mod tests {
         );
         assert_eq!(escape_property("a:b,c%\n"), "a%3Ab%2Cc%25%0A");
         assert_eq!(escape_data("x:y\r\n"), "x:y%0D%0A");
+    }
+
+    #[test]
+    fn text_output_escapes_control_characters() {
+        assert_eq!(printable("t.py::a"), "t.py::a");
+        assert_eq!(
+            printable("t.py::a[\n::error::x\r\t\u{1b}]"),
+            "t.py::a[\\n::error::x\\r\\t\\u{1b}]"
+        );
     }
 
     #[test]
