@@ -33,24 +33,14 @@ import random
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from suites import sdist
+
 Suite = tuple[list[str], Path, dict[str, str]]
 SUBSET = "not _s and not _c"
-
-
-def sdist(work: Path, name: str) -> Path:
-    download = ["pip", "download", name, "--no-binary", ":all:", "--no-deps", "-q"]
-    subprocess.run([sys.executable, "-m", *download, "-d", str(work)], check=True)
-    archive_path = next(work.glob(f"{name.replace('-', '_')}-*.tar.gz"))
-    with tarfile.open(archive_path) as archive:
-        archive.extractall(work, filter="data")
-    return next(
-        p for p in work.iterdir() if p.is_dir() and p.name.startswith(archive_path.name[:-7])
-    )
 
 
 def networkx(work: Path) -> Suite:

@@ -5,7 +5,8 @@ Run: python bench/suites.py [--rounds 5] [--shard-seconds 5]
 
 Suites: more-itertools from its sdist (pure Python, unittest classes; downloaded from PyPI) and
 NumPy's own installed tests (numpy.linalg and numpy.fft; NumPy's conftest needs hypothesis); with
-`--suites`, also networkx's installed tests (pure Python, pytest functions). Target (issue 3):
+`--suites`, also networkx's installed tests (pure Python, pytest functions) and attrs' tests
+from its sdist (hypothesis-heavy). Target (issue 3):
 --memprof at most 1.15x plain on each suite, and below pytest-memray.
 
 This VM's speed drifts: plain runs of the same suite took 40 to 64 s in consecutive rounds,
@@ -56,27 +57,18 @@ from pathlib import Path
 Suite = tuple[list[str], Path, dict[str, str]]
 
 
-def more_itertools(work: Path) -> Suite:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "more-itertools",
-            "--no-binary",
-            ":all:",
-            "--no-deps",
-            "-q",
-            "-d",
-            str(work),
-        ],
-        check=True,
-    )
-    sdist = next(work.glob("more_itertools-*.tar.gz"))
-    with tarfile.open(sdist) as archive:
+def sdist(work: Path, name: str) -> Path:
+    """`name`'s source distribution from PyPI, unpacked in `work`: its root folder."""
+    download = ["pip", "download", name, "--no-binary", ":all:", "--no-deps", "-q"]
+    subprocess.run([sys.executable, "-m", *download, "-d", str(work)], check=True)
+    stem = name.replace("-", "_")
+    with tarfile.open(next(work.glob(f"{stem}-*.tar.gz"))) as archive:
         archive.extractall(work, filter="data")
-    root = next(p for p in work.iterdir() if p.is_dir() and p.name.startswith("more_itertools-"))
+    return next(p for p in work.iterdir() if p.is_dir() and p.name.startswith(f"{stem}-"))
+
+
+def more_itertools(work: Path) -> Suite:
+    root = sdist(work, "more-itertools")
     return ["tests"], root, {"PYTHONPATH": str(root)}
 
 
@@ -90,7 +82,18 @@ def networkx_tests(work: Path) -> Suite:
     return ["--pyargs", "networkx"], work, {}
 
 
-SUITES = {"more-itertools": more_itertools, "numpy": numpy_tests, "networkx": networkx_tests}
+def attrs_tests(work: Path) -> Suite:
+    """attrs' tests from its sdist, run against the installed attrs: about 1,400 tests, many of
+    them hypothesis properties (the collector and the seeds are reset before each)."""
+    return ["tests"], sdist(work, "attrs"), {}
+
+
+SUITES = {
+    "more-itertools": more_itertools,
+    "numpy": numpy_tests,
+    "networkx": networkx_tests,
+    "attrs": attrs_tests,
+}
 
 
 MODES = {"plain": [], "memgauge": ["--memprof"], "memray": ["--memray"]}
