@@ -60,9 +60,9 @@ class Collector:
         else:
             gc.collect()
             self.frozen_since += len(gc.get_objects())
+        # Freezing also zeroes the young generation's counter (the full collection zeroed the
+        # older ones): the test's collections come on its own allocations alone.
         gc.freeze()
-        # Collecting the now empty young heap zeroes the generations' counters.
-        gc.collect()
         # No automatic full collection inside the test: when one comes depends on the size of
         # the whole heap, which CPython waits to grow by a quarter (and, right after a freeze,
         # would count as empty, making every tenth young collection a full one). The young
@@ -130,7 +130,9 @@ class FirstUse:
         self.find_and_load = bootstrap._find_and_load
         self.re_compile = re._compile  # type: ignore[attr-defined]
         find_and_load, re_compile = self.find_and_load, self.re_compile
-        caches = [getattr(re, name) for name in ("_cache", "_cache2") if hasattr(re, name)]
+        # re's caches: one dict before 3.12, two from it.
+        cache = re._cache  # type: ignore[attr-defined]
+        cache2 = getattr(re, "_cache2", cache)
         regex_flag = re.RegexFlag
 
         def _find_and_load(name: str, import_: Any) -> Any:
@@ -145,7 +147,7 @@ class FirstUse:
                     pattern,
                     flags.value if isinstance(flags, regex_flag) else flags,
                 )
-                if not any(key in cache for cache in caches):
+                if key not in cache2 and key not in cache:
                     return self.apart("re.compile", pattern, re_compile, pattern, flags)
             return re_compile(pattern, flags)
 
