@@ -68,7 +68,7 @@ class Collector:
         # would count as empty, making every tenth young collection a full one). The young
         # generations keep their schedule; what survives them is collected as the test ends.
         self.thresholds = gc.get_threshold()
-        self.test_thresholds = (*self.thresholds[:2], 2**31 - 1)[: len(self.thresholds)]
+        self.test_thresholds = (*self.thresholds[:2], 2**31 - 1)
         gc.set_threshold(*self.test_thresholds)
 
     def finish(self) -> None:
@@ -109,11 +109,10 @@ class FirstUse:
     """
 
     def __init__(self) -> None:
-        self.active = False
         # One stretch at a time (an import inside an import is part of it).
         self.depth = 0
+        # The running test's first uses: set from begin() to end(), the wrappers' switch.
         self.record: dict[str, Any] | None = None
-        self.held = 0
         self.bookkeeping = Scope(0, apart=True)
         self.measuring = Scope(0)
         self.bootstrap: Any = None
@@ -136,12 +135,12 @@ class FirstUse:
         regex_flag = re.RegexFlag
 
         def _find_and_load(name: str, import_: Any) -> Any:
-            if not self.active or self.depth:
+            if self.record is None or self.depth:
                 return find_and_load(name, import_)
             return self.apart("import", name, find_and_load, name, import_)
 
         def _compile(pattern: Any, flags: Any) -> Any:
-            if self.active and not self.depth and type(pattern) in (str, bytes):
+            if self.record is not None and not self.depth and type(pattern) in (str, bytes):
                 key = (
                     type(pattern),
                     pattern,
@@ -185,9 +184,9 @@ class FirstUse:
             return
         # The most the first uses held at once, had nothing else run: each one's peak above
         # what the earlier ones still hold.
-        record["peak_bytes"] = max(record["peak_bytes"], self.held + measured.peak_bytes)
-        self.held += measured.leaked_bytes
-        record["leaked_bytes"] = self.held
+        held = record["leaked_bytes"]
+        record["peak_bytes"] = max(record["peak_bytes"], held + measured.peak_bytes)
+        record["leaked_bytes"] = held + measured.leaked_bytes
         record["allocated_bytes"] += measured.allocated_bytes
         record["allocations"] += measured.allocations
         record["count"] += 1
@@ -206,12 +205,9 @@ class FirstUse:
             "count": 0,
             "what": [],
         }
-        self.held = 0
-        self.active = True
 
     def end(self) -> dict[str, Any] | None:
         """The test's scope is about to close: what its first uses cost, if it had any."""
-        self.active = False
         record, self.record = self.record, None
         return record if record and record["count"] else None
 
