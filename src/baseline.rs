@@ -1,16 +1,29 @@
-//! The baseline committed to the repo: TOML, one table per test, sizes as integer bytes, sorted,
-//! so unchanged results give a byte-identical file and a change reads as a small diff.
+//! The baseline committed to the repo: TOML, one table per test and environment, sizes as
+//! integer bytes, sorted, so unchanged results give a byte-identical file and a change reads as a
+//! small diff.
+//!
+//! Schema 2 keeps each environment's figures apart (`[tests."id"."cp311-linux-x86_64"]`), with a
+//! test's own thresholds in `[tests."id"]`, for every environment. Schema 1 (one environment,
+//! figures in `[tests."id"]`) is still read: its figures gate results of any environment, and
+//! `baseline update` rewrites it as schema 2, its figures becoming those of the environment
+//! updated first.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::results::Results;
+use crate::results::{Results, Site};
 use crate::size;
 
-pub const SCHEMA: i64 = 1;
+pub const SCHEMA: i64 = 2;
+/// The layout before environments: read, never written.
+const SCHEMA_ONE_ENVIRONMENT: i64 = 1;
+/// Where a schema-1 baseline's figures are kept until an update names their environment.
+const ANY_ENVIRONMENT: &str = "";
+/// How many of a test's top sites the baseline keeps, for the report of a regression.
+pub const SITES_KEPT: usize = 3;
 
 /// The figures a baseline records, in file order: (key, short name for --gate).
 pub const FIGURES: [(&str, &str); 4] = [
@@ -29,6 +42,7 @@ pub struct Thresholds {
     floor_text: Option<String>,
 }
 
+/// One test's figures in one environment.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Entry {
     /// By the index in [`FIGURES`].
@@ -36,13 +50,24 @@ pub struct Entry {
     /// How far each figure moved across the runs `baseline update` learned it from (largest
     /// minus smallest), written as `<figure>_spread`; compare allows that much, and says so.
     pub spreads: [Option<u64>; FIGURES.len()],
+    /// The lines that held the most at the peak (up to [`SITES_KEPT`]), written as
+    /// `"FILE:LINE FUNCTION BYTES"`: what a regression's report sets the new sites beside.
+    pub sites: Vec<Site>,
+}
+
+/// One test: its thresholds, and its figures in each environment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Test {
     pub thresholds: Thresholds,
+    pub environments: BTreeMap<String, Entry>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Baseline {
     pub defaults: Thresholds,
-    pub tests: BTreeMap<String, Entry>,
+    pub tests: BTreeMap<String, Test>,
+    /// Read from a schema-1 file: one environment's figures, whichever it was.
+    pub one_environment: bool,
 }
 
 /// A baseline document as either reader sees it: the TOML crate for any file, or the fast reader
@@ -52,6 +77,7 @@ pub struct Baseline {
 enum Raw<'a> {
     Integer(i64),
     String(Cow<'a, str>),
+    Strings(Vec<Cow<'a, str>>),
     Table(Vec<(Cow<'a, str>, Raw<'a>)>),
     /// Any other TOML value, in its TOML form (for messages).
     Other(String),
@@ -75,6 +101,15 @@ impl<'a> Raw<'a> {
                     .map(|(k, v)| (Cow::Owned(k), Raw::from_toml(v)))
                     .collect(),
             ),
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_str) => Raw::Strings(
+                items
+                    .into_iter()
+                    .filter_map(|v| match v {
+                        toml::Value::String(text) => Some(Cow::Owned(text)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
             other => Raw::Other(other.to_string()),
         }
     }
@@ -85,27 +120,73 @@ impl std::fmt::Display for Raw<'_> {
         match self {
             Raw::Integer(value) => write!(f, "{value}"),
             Raw::String(text) => f.write_str(&quoted(text)),
+            Raw::Strings(_) => f.write_str("an array"),
             Raw::Table(_) => f.write_str("a table"),
             Raw::Other(text) => f.write_str(text),
         }
     }
 }
 
-/// The canonical layout, line by line: comments, `schema = 1`, `[defaults]`, `[tests."id"]`,
-/// and `key = 123` or `key = "text"`. Each test is checked and kept as soon as its table ends,
-/// so nothing of the file is held but the baseline itself. Anything else (other spacing, inline
-/// tables, dotted keys, a repeated key, CRLF) and any invalid value answer `None`, and the TOML
-/// crate reads the file instead (and words the error).
-fn read_canonical(path: &Path, text: &str) -> Option<Baseline> {
-    type Keys<'a> = Vec<(Cow<'a, str>, Raw<'a>)>;
+type Keys<'a> = Vec<(Cow<'a, str>, Raw<'a>)>;
+
+/// The table the fast reader is in.
+enum Table<'a> {
+    Root,
+    Defaults,
+    /// `[tests."id"]`: schema 1, the figures and thresholds; schema 2, the thresholds.
+    Test(Cow<'a, str>),
+    /// `[tests."id"."environment"]` (schema 2).
+    Environment(Cow<'a, str>, Cow<'a, str>),
+    /// An environment that was not asked for: its lines are passed over unread.
+    Skipped,
+}
+
+/// The canonical layout, line by line: comments, `schema = N`, `[defaults]`, `[tests."id"]`,
+/// `[tests."id"."environment"]`, and `key = 123`, `key = "text"` or `key = ["text", ...]`. Each
+/// table is checked and kept as soon as it ends, so nothing of the file is held but the baseline
+/// itself; with `only`, the tables of other environments are skipped unread. Anything else (other
+/// spacing, inline tables, dotted keys, a repeated key, tables out of order, CRLF) and any invalid
+/// value answer `None`, and the TOML crate reads the file instead (and words the error).
+fn read_canonical(path: &Path, text: &str, only: Option<&BTreeSet<&str>>) -> Option<Baseline> {
     let mut root: Keys = Vec::new();
     let mut defaults: Option<Keys> = None;
-    let mut test: Option<(Cow<str>, Keys)> = None;
-    let mut entries = Vec::new();
-    let mut finish = |test: &mut Option<(Cow<str>, Keys)>| -> Option<()> {
-        if let Some((id, keys)) = test.take() {
-            let entry = entry(path, &id, &Raw::Table(keys)).ok()?;
-            entries.push((id.into_owned(), entry));
+    let mut schema: Option<i64> = None;
+    let mut table = Table::Root;
+    let mut keys: Keys = Vec::new();
+    let mut tests: Vec<(String, Test)> = Vec::new();
+    // Files the table that ends into the tests, which must come sorted: a test's own table
+    // first, then its environments in order.
+    let mut finish = |table: Table, keys: Keys, schema: i64| -> Option<()> {
+        match table {
+            Table::Root | Table::Defaults | Table::Skipped => {}
+            Table::Test(id) => {
+                let test = test_table(path, schema, &id, &Raw::Table(keys)).ok()?;
+                if tests.last().is_some_and(|(last, _)| last.as_str() >= &*id) {
+                    return None;
+                }
+                tests.push((id.into_owned(), test));
+            }
+            Table::Environment(id, environment) => {
+                let entry = environment_table(path, &id, &environment, &Raw::Table(keys)).ok()?;
+                match tests.last_mut() {
+                    Some((last, test)) if *last == *id => {
+                        if test
+                            .environments
+                            .last_key_value()
+                            .is_some_and(|(last, _)| last.as_str() >= &*environment)
+                        {
+                            return None;
+                        }
+                        test.environments.insert(environment.into_owned(), entry);
+                    }
+                    Some((last, _)) if last.as_str() > &*id => return None,
+                    _ => {
+                        let mut test = Test::default();
+                        test.environments.insert(environment.into_owned(), entry);
+                        tests.push((id.into_owned(), test));
+                    }
+                }
+            }
         }
         Some(())
     };
@@ -123,19 +204,42 @@ fn read_canonical(path: &Path, text: &str) -> Option<Baseline> {
             continue;
         }
         if let Some(header) = line.strip_prefix('[') {
-            finish(&mut test)?;
+            if matches!(table, Table::Root) {
+                schema = Some(schema_of(&root)?);
+            }
+            let current = schema?;
+            finish(
+                std::mem::replace(&mut table, Table::Skipped),
+                std::mem::take(&mut keys),
+                current,
+            )?;
             if header == "defaults]" {
                 if defaults.is_some() {
                     return None;
                 }
                 defaults = Some(Vec::new());
+                table = Table::Defaults;
                 continue;
             }
             let (id, rest) = basic_string(header.strip_prefix("tests.")?)?;
+            if rest == "]" {
+                table = Table::Test(id);
+                continue;
+            }
+            if current != SCHEMA {
+                return None;
+            }
+            let (environment, rest) = basic_string(rest.strip_prefix('.')?)?;
             if rest != "]" {
                 return None;
             }
-            test = Some((id, Vec::new()));
+            table = match only {
+                Some(only) if !only.contains(&*environment) => Table::Skipped,
+                _ => Table::Environment(id, environment),
+            };
+            continue;
+        }
+        if matches!(table, Table::Skipped) {
             continue;
         }
         // `key = value`, split at the first `=` (a byte search; `key` allows no `=`).
@@ -149,7 +253,21 @@ fn read_canonical(path: &Path, text: &str) -> Option<Baseline> {
         {
             return None;
         }
-        let value = if let Some(rest) = value.strip_prefix('"') {
+        let value = if let Some(mut rest) = value.strip_prefix('[') {
+            let mut items = Vec::new();
+            while rest.starts_with('"') {
+                let (item, tail) = basic_string(rest)?;
+                items.push(item);
+                rest = match tail.strip_prefix(", ") {
+                    Some(more) if more.starts_with('"') => more,
+                    _ => tail,
+                };
+            }
+            if rest != "]" {
+                return None;
+            }
+            Raw::Strings(items)
+        } else if let Some(rest) = value.strip_prefix('"') {
             // Plain strings only (sizes and percentages); escapes go to the TOML crate.
             let end = rest.find('"')?;
             let (text, tail) = (&rest[..end], &rest[end + 1..]);
@@ -166,26 +284,37 @@ fn read_canonical(path: &Path, text: &str) -> Option<Baseline> {
             }
             Raw::Integer(value.parse().ok()?)
         };
-        let table = match (&mut test, &mut defaults) {
-            (Some((_, keys)), _) => keys,
-            (None, Some(keys)) => keys,
-            (None, None) => &mut root,
+        let keys = match table {
+            Table::Root => &mut root,
+            Table::Defaults => defaults.as_mut()?,
+            _ => &mut keys,
         };
-        if table.iter().any(|(k, _)| k == key) {
+        if keys.iter().any(|(k, _)| k == key) {
             return None;
         }
-        table.push((Cow::Borrowed(key), value));
+        keys.push((Cow::Borrowed(key), value));
     }
-    finish(&mut test)?;
-    if root.iter().any(|(k, _)| k != "schema") {
-        return None;
-    }
+    let schema = match schema {
+        Some(schema) => schema,
+        // No tables at all.
+        None => schema_of(&root)?,
+    };
+    finish(table, keys, schema)?;
     let defaults = defaults.map(Raw::Table);
     let defaults = header(path, root.first().map(|(_, v)| v), defaults.as_ref()).ok()?;
     Some(Baseline {
         defaults,
-        tests: sorted_tests(path, entries).ok()?,
+        tests: tests.into_iter().collect(),
+        one_environment: schema == SCHEMA_ONE_ENVIRONMENT,
     })
+}
+
+/// The schema a canonical file's root declares, when it declares nothing else.
+fn schema_of(root: &Keys) -> Option<i64> {
+    match root.as_slice() {
+        [(key, Raw::Integer(n @ (SCHEMA | SCHEMA_ONE_ENVIRONMENT)))] if key == "schema" => Some(*n),
+        _ => None,
+    }
 }
 
 /// A TOML basic string at the start of `text`: its value and what follows the closing quote.
@@ -290,11 +419,11 @@ fn quoted(text: &str) -> String {
 /// The schema version, checked, and the `[defaults]` thresholds.
 fn header(path: &Path, schema: Option<&Raw>, defaults: Option<&Raw>) -> Result<Thresholds> {
     match schema {
-        Some(Raw::Integer(SCHEMA)) => {}
+        Some(Raw::Integer(SCHEMA | SCHEMA_ONE_ENVIRONMENT)) => {}
         Some(other) => {
             return Err(Error::invalid(
                 path,
-                format!("key schema: version {other} is not one this memgauge reads ({SCHEMA}); upgrade memgauge"),
+                format!("key schema: version {other} is not one this memgauge reads ({SCHEMA_ONE_ENVIRONMENT} or {SCHEMA}); upgrade memgauge"),
             ));
         }
         None => {
@@ -311,21 +440,102 @@ fn header(path: &Path, schema: Option<&Raw>, defaults: Option<&Raw>) -> Result<T
     }
 }
 
-/// One test's table: its figures and thresholds.
-fn entry(path: &Path, id: &str, test: &Raw) -> Result<Entry> {
+/// A test's table, `[tests."id"]`. Schema 2: its thresholds, and its environments' tables when
+/// the TOML crate read it. Schema 1: its thresholds and figures, in one environment.
+fn test_table(path: &Path, schema: i64, id: &str, test: &Raw) -> Result<Test> {
     let at = || format!("tests.{}.", quoted(id));
     let Raw::Table(keys) = test else {
         return Err(Error::invalid(
             path,
-            format!("key {}: must be a table", quoted(id)),
+            format!("key tests.{}: must be a table", quoted(id)),
         ));
     };
-    let mut entry = Entry {
+    let mut result = Test {
         thresholds: thresholds(path, test, at)?,
-        ..Entry::default()
+        ..Test::default()
     };
+    if schema == SCHEMA_ONE_ENVIRONMENT {
+        let entry = figures(
+            path,
+            at,
+            keys.iter()
+                .filter(|(k, _)| k != "tolerance" && k != "floor"),
+        )?;
+        result
+            .environments
+            .insert(ANY_ENVIRONMENT.to_owned(), entry);
+        return Ok(result);
+    }
     for (key, value) in keys {
-        if key == "tolerance" || key == "floor" {
+        match value {
+            _ if key == "tolerance" || key == "floor" => {}
+            Raw::Table(_) => {
+                let entry = environment_table(path, id, key, value)?;
+                result.environments.insert(key.to_string(), entry);
+            }
+            _ => {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "key {}{key}: a test's table holds its tolerance and floor, and its \
+                         figures go in the table of their environment, [tests.{}.\"ENVIRONMENT\"]",
+                        at(),
+                        quoted(id)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(result)
+}
+
+/// One test's figures in one environment, `[tests."id"."environment"]`.
+fn environment_table(path: &Path, id: &str, environment: &str, table: &Raw) -> Result<Entry> {
+    let at = || format!("tests.{}.{}.", quoted(id), quoted(environment));
+    let Raw::Table(keys) = table else {
+        return Err(Error::invalid(
+            path,
+            format!("key {}: must be a table", at()),
+        ));
+    };
+    if let Some((key, _)) = keys.iter().find(|(k, _)| k == "tolerance" || k == "floor") {
+        return Err(Error::invalid(
+            path,
+            format!(
+                "key {}{key}: thresholds hold for every environment: set it in [tests.{}]",
+                at(),
+                quoted(id)
+            ),
+        ));
+    }
+    figures(path, at, keys.iter())
+}
+
+/// The figures, spreads and sites of a table.
+fn figures<'k, 'a: 'k>(
+    path: &Path,
+    at: impl Fn() -> String,
+    keys: impl Iterator<Item = &'k (Cow<'a, str>, Raw<'a>)>,
+) -> Result<Entry> {
+    let mut entry = Entry::default();
+    for (key, value) in keys {
+        if key == "sites" {
+            let invalid = || {
+                Error::invalid(
+                    path,
+                    format!(
+                        "key {}sites: must be an array of \"FILE:LINE FUNCTION BYTES\"",
+                        at()
+                    ),
+                )
+            };
+            let Raw::Strings(items) = value else {
+                return Err(invalid());
+            };
+            entry.sites = items
+                .iter()
+                .map(|item| parse_site(item).ok_or_else(invalid))
+                .collect::<Result<_>>()?;
             continue;
         }
         let (name, spread) = match key.strip_suffix("_spread") {
@@ -337,8 +547,8 @@ fn entry(path: &Path, id: &str, test: &Raw) -> Result<Entry> {
             return Err(Error::invalid(
                 path,
                 format!(
-                    "key {}{key}: unknown; a test has {} (each with a <figure>_spread), \
-                     tolerance and floor",
+                    "key {}{key}: unknown; an environment's table has {} (each with a \
+                     <figure>_spread) and sites",
                     at(),
                     known.join(", ")
                 ),
@@ -356,24 +566,38 @@ fn entry(path: &Path, id: &str, test: &Raw) -> Result<Entry> {
         })?;
         if spread {
             entry.spreads[index] = Some(bytes);
-            continue;
+        } else {
+            entry.figures[index] = Some(bytes);
         }
-        entry.figures[index] = Some(bytes);
     }
     Ok(entry)
 }
 
-/// The tests as a map, built in bulk: a canonical file is sorted already, so the sort is one
-/// pass, where 100,000 inserts would each search the tree.
-fn sorted_tests(path: &Path, mut entries: Vec<(String, Entry)>) -> Result<BTreeMap<String, Entry>> {
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    if let Some(twice) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(Error::invalid(
-            path,
-            format!("key tests.{}: defined twice", quoted(&twice[0].0)),
-        ));
+/// `"FILE:LINE FUNCTION BYTES"`: the file may hold spaces and colons, the function holds neither.
+fn parse_site(text: &str) -> Option<Site> {
+    let (rest, bytes) = text.rsplit_once(' ')?;
+    let (location, function) = rest.rsplit_once(' ')?;
+    let (file, line) = location.rsplit_once(':')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(line) || !digits(bytes) || function.is_empty() || file.is_empty() {
+        return None;
     }
-    Ok(entries.into_iter().collect())
+    Some(Site {
+        file: file.to_owned(),
+        line: line.parse().ok()?,
+        function: function.to_owned(),
+        bytes: bytes.parse().ok()?,
+    })
+}
+
+fn format_site(site: &Site) -> String {
+    // A function name with a space would not read back: such a name is not Python's.
+    let function: String = site
+        .function
+        .chars()
+        .map(|c| if c.is_whitespace() { '_' } else { c })
+        .collect();
+    format!("{}:{} {function} {}", site.file, site.line, site.bytes)
 }
 
 impl Entry {
@@ -386,10 +610,28 @@ impl Entry {
 
 impl Baseline {
     pub fn parse(path: &Path, text: &str) -> Result<Baseline> {
-        match read_canonical(path, text) {
-            Some(baseline) => Ok(baseline),
-            None => Self::parse_toml(path, text),
+        Self::parse_environments(path, text, None)
+    }
+
+    /// The baseline with only the figures of `only`'s environments (a schema-1 file's, which
+    /// serve any, are kept). The other environments' tables are skipped unread by the fast
+    /// reader: `baseline update` checks them, compare does not need to.
+    pub fn parse_environments(
+        path: &Path,
+        text: &str,
+        only: Option<&BTreeSet<&str>>,
+    ) -> Result<Baseline> {
+        if let Some(baseline) = read_canonical(path, text, only) {
+            return Ok(baseline);
         }
+        let mut baseline = Self::parse_toml(path, text)?;
+        if let (Some(only), false) = (only, baseline.one_environment) {
+            for test in baseline.tests.values_mut() {
+                test.environments
+                    .retain(|key, _| only.contains(key.as_str()));
+            }
+        }
+        Ok(baseline)
     }
 
     /// The general reader: any valid TOML.
@@ -402,20 +644,38 @@ impl Baseline {
     }
 
     fn from_raw(path: &Path, document: &Raw) -> Result<Baseline> {
+        let schema = document.get("schema");
         let mut baseline = Baseline {
-            defaults: header(path, document.get("schema"), document.get("defaults"))?,
+            defaults: header(path, schema, document.get("defaults"))?,
+            one_environment: schema == Some(&Raw::Integer(SCHEMA_ONE_ENVIRONMENT)),
             ..Baseline::default()
         };
+        let schema = if baseline.one_environment {
+            SCHEMA_ONE_ENVIRONMENT
+        } else {
+            SCHEMA
+        };
+        if let Raw::Table(keys) = document {
+            if let Some((key, _)) = keys
+                .iter()
+                .find(|(k, _)| !matches!(&**k, "schema" | "defaults" | "tests"))
+            {
+                return Err(Error::invalid(
+                    path,
+                    format!("key {key}: unknown; a baseline has schema, defaults and tests"),
+                ));
+            }
+        }
         let tests = match document.get("tests") {
             None => return Ok(baseline),
             Some(Raw::Table(tests)) => tests,
             Some(_) => return Err(Error::invalid(path, "key tests: must be a table of tests")),
         };
-        let entries = tests
+        // The TOML crate has checked that no test is defined twice.
+        baseline.tests = tests
             .iter()
-            .map(|(id, test)| Ok((id.to_string(), entry(path, id, test)?)))
-            .collect::<Result<Vec<_>>>()?;
-        baseline.tests = sorted_tests(path, entries)?;
+            .map(|(id, test)| Ok((id.to_string(), test_table(path, schema, id, test)?)))
+            .collect::<Result<_>>()?;
         Ok(baseline)
     }
 
@@ -431,48 +691,113 @@ impl Baseline {
         }
     }
 
-    /// This baseline with the figures of every passed test in `results`.
-    pub fn updated(&self, results: &Results, prune: bool) -> Baseline {
-        self.updated_from_runs(std::slice::from_ref(results), prune)
-    }
-
-    /// This baseline with the figures of every test that passed in `runs`, reruns of one
-    /// suite: each figure is the median of the runs (the lower one of an even count) and, from
-    /// two runs on, its spread is what it moved across them. From one run, a test keeps the
-    /// spread it had.
-    pub fn updated_from_runs(&self, runs: &[Results], prune: bool) -> Baseline {
-        let mut next = self.clone();
-        if prune {
-            next.tests.retain(|id, _| {
-                runs.iter().any(|results| {
-                    results.tests.contains_key(id) || results.benchmarks.contains_key(id)
-                })
-            });
-        }
-        let mut measured: BTreeMap<&String, Vec<[Option<u64>; FIGURES.len()]>> = BTreeMap::new();
-        for results in runs {
-            for (id, record) in results.entries() {
-                if record.outcome != "passed" || record.peak_bytes.is_none() {
-                    continue;
+    /// The environments with figures in this baseline.
+    pub fn environments(&self) -> BTreeSet<&str> {
+        let mut seen = BTreeSet::new();
+        for test in self.tests.values() {
+            for key in test.environments.keys() {
+                if !seen.contains(key.as_str()) {
+                    seen.insert(key.as_str());
                 }
-                measured.entry(id).or_default().push([
-                    record.peak_bytes,
-                    record.leaked_bytes,
-                    record.rss_peak_bytes,
-                    record.allocations,
-                ]);
             }
         }
-        for (id, observed) in measured {
-            let entry = next.tests.entry(id.clone()).or_default();
-            for index in 0..FIGURES.len() {
-                let mut values: Vec<u64> = observed.iter().filter_map(|v| v[index]).collect();
-                values.sort_unstable();
-                entry.figures[index] = values.get((values.len().max(1) - 1) / 2).copied();
-                if runs.len() > 1 {
-                    let spread = values.last().zip(values.first()).map(|(hi, lo)| hi - lo);
-                    entry.spreads[index] = spread.filter(|&spread| spread > 0);
+        seen
+    }
+
+    /// Where results of `environment` find their figures: its own, or a schema-1 file's, which
+    /// serve any environment; `None` when the baseline has never seen it.
+    pub fn figures_for<'s>(&'s self, environment: &'s str) -> Option<&'s str> {
+        if self.one_environment {
+            return Some(ANY_ENVIRONMENT);
+        }
+        self.tests
+            .values()
+            .any(|test| test.environments.contains_key(environment))
+            .then_some(environment)
+    }
+
+    /// This baseline with the figures of every passed test in `results`, measured in
+    /// `environment`.
+    pub fn updated(&self, environment: &str, results: &Results, prune: bool) -> Baseline {
+        self.updated_from_runs(&[(environment, results)], prune)
+    }
+
+    /// This baseline with the figures of every test that passed in `runs`, each in its
+    /// environment; the other environments are left as they are (with `prune`, dropped, as are
+    /// the tests that no run of their environment has). Within an environment, runs are shards
+    /// or reruns of a suite: each figure is the median of the runs that have the test (the lower
+    /// one of an even count) and, when two or more have it, its spread is what it moved across
+    /// them; a test that one run has keeps the spread it had. A schema-1 baseline's figures
+    /// become those of the first run's environment.
+    pub fn updated_from_runs(&self, runs: &[(&str, &Results)], prune: bool) -> Baseline {
+        let mut next = self.clone();
+        if next.one_environment {
+            next.one_environment = false;
+            if let Some((first, _)) = runs.first() {
+                for test in next.tests.values_mut() {
+                    if let Some(entry) = test.environments.remove(ANY_ENVIRONMENT) {
+                        test.environments.insert((*first).to_owned(), entry);
+                    }
                 }
+            }
+        }
+        let mut by_environment: BTreeMap<&str, Vec<&Results>> = BTreeMap::new();
+        for (environment, results) in runs {
+            by_environment.entry(environment).or_default().push(results);
+        }
+        if prune {
+            next.tests.retain(|id, test| {
+                test.environments.retain(|environment, _| {
+                    by_environment
+                        .get(environment.as_str())
+                        .is_some_and(|runs| {
+                            runs.iter().any(|results| {
+                                results.tests.contains_key(id)
+                                    || results.benchmarks.contains_key(id)
+                            })
+                        })
+                });
+                !test.environments.is_empty()
+            });
+        }
+        type Observed<'r> = ([Option<u64>; FIGURES.len()], &'r [Site]);
+        for (environment, runs) in by_environment {
+            let mut measured: BTreeMap<&String, Vec<Observed>> = BTreeMap::new();
+            for results in runs {
+                for (id, record) in results.entries() {
+                    if record.outcome != "passed" || record.peak_bytes.is_none() {
+                        continue;
+                    }
+                    let figures = [
+                        record.peak_bytes,
+                        record.leaked_bytes,
+                        record.rss_peak_bytes,
+                        record.allocations,
+                    ];
+                    measured
+                        .entry(id)
+                        .or_default()
+                        .push((figures, &record.top_sites));
+                }
+            }
+            for (id, observed) in measured {
+                let test = next.tests.entry(id.clone()).or_default();
+                let entry = test.environments.entry(environment.to_owned()).or_default();
+                for index in 0..FIGURES.len() {
+                    let mut values: Vec<u64> = observed.iter().filter_map(|v| v.0[index]).collect();
+                    values.sort_unstable();
+                    entry.figures[index] = values.get((values.len().max(1) - 1) / 2).copied();
+                    if observed.len() > 1 {
+                        let spread = values.last().zip(values.first()).map(|(hi, lo)| hi - lo);
+                        entry.spreads[index] = spread.filter(|&spread| spread > 0);
+                    }
+                }
+                // The sites of the run whose peak is the one kept.
+                let median = observed
+                    .iter()
+                    .find(|(figures, _)| figures[0] == entry.figures[0])
+                    .map_or(&[][..], |(_, sites)| *sites);
+                entry.sites = median.iter().take(SITES_KEPT).cloned().collect();
             }
         }
         next
@@ -481,9 +806,15 @@ impl Baseline {
     pub fn render(&self) -> String {
         let mut out = String::new();
         out.push_str("# memgauge baseline: `memgauge baseline update` writes it; review its diffs like code.\n");
-        out.push_str("# Sizes are bytes. A test may set its own tolerance = \"20%\" and floor = \"1 MiB\".\n");
+        out.push_str("# Sizes are bytes; figures are kept per environment, [tests.\"ID\".\"ENVIRONMENT\"].\n");
+        out.push_str("# A test may set its own tolerance = \"20%\" and floor = \"1 MiB\" in [tests.\"ID\"].\n");
         out.push_str("# <figure>_spread: how far it moved across the runs it was learned from.\n");
-        let _ = writeln!(out, "schema = {SCHEMA}");
+        let schema = if self.one_environment {
+            SCHEMA_ONE_ENVIRONMENT
+        } else {
+            SCHEMA
+        };
+        let _ = writeln!(out, "schema = {schema}");
         let write_thresholds = |out: &mut String, t: &Thresholds| {
             if let Some(text) = &t.tolerance_text {
                 let _ = writeln!(out, "tolerance = {}", quoted(text));
@@ -496,17 +827,33 @@ impl Baseline {
             out.push_str("\n[defaults]\n");
             write_thresholds(&mut out, &self.defaults);
         }
-        for (id, entry) in &self.tests {
-            let _ = write!(out, "\n[tests.{}]\n", quoted(id));
-            for (index, (figure, _)) in FIGURES.iter().enumerate() {
-                if let Some(value) = entry.figures[index] {
-                    let _ = writeln!(out, "{figure} = {value}");
+        for (id, test) in &self.tests {
+            let id = quoted(id);
+            if test.thresholds != Thresholds::default() || self.one_environment {
+                let _ = write!(out, "\n[tests.{id}]\n");
+                write_thresholds(&mut out, &test.thresholds);
+            }
+            for (environment, entry) in &test.environments {
+                if !self.one_environment {
+                    let _ = write!(out, "\n[tests.{id}.{}]\n", quoted(environment));
                 }
-                if let Some(spread) = entry.spreads[index] {
-                    let _ = writeln!(out, "{figure}_spread = {spread}");
+                for (index, (figure, _)) in FIGURES.iter().enumerate() {
+                    if let Some(value) = entry.figures[index] {
+                        let _ = writeln!(out, "{figure} = {value}");
+                    }
+                    if let Some(spread) = entry.spreads[index] {
+                        let _ = writeln!(out, "{figure}_spread = {spread}");
+                    }
+                }
+                if !entry.sites.is_empty() {
+                    let sites: Vec<String> = entry
+                        .sites
+                        .iter()
+                        .map(|site| quoted(&format_site(site)))
+                        .collect();
+                    let _ = writeln!(out, "sites = [{}]", sites.join(", "));
                 }
             }
-            write_thresholds(&mut out, &entry.thresholds);
         }
         out
     }
@@ -526,50 +873,141 @@ pub fn diff(path: &Path, old: &str, new: &str) -> String {
 mod tests {
     use super::*;
 
+    const ENV: &str = "cp311-linux-x86_64";
+
     fn results() -> Results {
         Results::parse(
             Path::new("r.json"),
             r#"{"schema": 1, "tests": {
             "b.py::t[\"x\" 'q' \\ $HOME `y` é\n]": {"outcome": "passed", "peak_bytes": 10, "leaked_bytes": 1, "allocations": 3},
-            "a.py::t": {"outcome": "passed", "peak_bytes": 20, "leaked_bytes": 0, "rss_peak_bytes": 4096},
+            "a.py::t": {"outcome": "passed", "peak_bytes": 20, "leaked_bytes": 0, "rss_peak_bytes": 4096,
+              "top_sites": [{"file": "a b:c.py", "line": 3, "function": "f", "bytes": 18},
+                            {"file": "a.py", "line": 4, "function": "<lambda>", "bytes": 1},
+                            {"file": "a.py", "line": 5, "function": "g", "bytes": 1},
+                            {"file": "a.py", "line": 6, "function": "h", "bytes": 0}]},
             "a.py::failed": {"outcome": "failed", "peak_bytes": 99}}}"#,
         )
         .unwrap()
     }
 
+    fn figures(baseline: &Baseline, id: &str, environment: &str) -> Entry {
+        baseline.tests[id].environments[environment].clone()
+    }
+
     #[test]
     fn renders_sorted_and_round_trips_any_test_id() {
-        let baseline = Baseline::default().updated(&results(), false);
+        let baseline = Baseline::default().updated(ENV, &results(), false);
         let text = baseline.render();
         assert!(
             text.find("a.py::t").unwrap() < text.find("b.py::t").unwrap(),
             "{text}"
         );
         assert!(!text.contains("a.py::failed"));
+        assert!(text.contains("schema = 2\n"));
+        assert!(text.contains(&format!("[tests.\"a.py::t\".\"{ENV}\"]\n")));
         let parsed = Baseline::parse(Path::new("b.toml"), &text).unwrap();
         assert_eq!(parsed, baseline);
-        assert_eq!(parsed.render(), text);
         assert_eq!(
-            parsed.tests["b.py::t[\"x\" 'q' \\ $HOME `y` é\n]"].get("allocations"),
-            Some(3)
+            Baseline::parse_toml(Path::new("b.toml"), &text).unwrap(),
+            baseline
+        );
+        assert_eq!(parsed.render(), text);
+        let b = "b.py::t[\"x\" 'q' \\ $HOME `y` é\n]";
+        assert_eq!(figures(&parsed, b, ENV).get("allocations"), Some(3));
+        // The sites: at most three, a file with a space and a colon read back.
+        let sites = &figures(&parsed, "a.py::t", ENV).sites;
+        assert_eq!(sites.len(), SITES_KEPT);
+        assert_eq!(
+            (sites[0].file.as_str(), sites[0].line, sites[0].bytes),
+            ("a b:c.py", 3, 18)
+        );
+        assert!(
+            text.contains("sites = [\"a b:c.py:3 f 18\", \"a.py:4 <lambda> 1\", \"a.py:5 g 1\"]\n")
         );
     }
 
     #[test]
-    fn keeps_per_test_thresholds_and_prunes_on_request() {
+    fn each_environment_is_updated_apart_and_the_others_stay_byte_identical() {
+        let run = |peak: u64| {
+            Results::parse(
+                Path::new("r.json"),
+                &format!(r#"{{"schema": 1, "tests": {{"a.py::t": {{"outcome": "passed", "peak_bytes": {peak}}}}}}}"#),
+            )
+            .unwrap()
+        };
+        let (first, second) = (run(100), run(200));
+        let both = Baseline::default().updated_from_runs(
+            &[
+                ("cp311-linux-x86_64", &first),
+                ("cp312-linux-x86_64", &second),
+            ],
+            false,
+        );
+        assert_eq!(
+            figures(&both, "a.py::t", "cp311-linux-x86_64").get("peak_bytes"),
+            Some(100)
+        );
+        assert_eq!(
+            figures(&both, "a.py::t", "cp312-linux-x86_64").get("peak_bytes"),
+            Some(200)
+        );
+        let text = both.render();
+        let cp312 = text.find("[tests.\"a.py::t\".\"cp312").unwrap();
+        // A new 3.11 run changes nothing in 3.12's table.
+        let again = Baseline::parse(Path::new("b.toml"), &text)
+            .unwrap()
+            .updated("cp311-linux-x86_64", &run(150), false)
+            .render();
+        assert_eq!(
+            again[again.find("[tests.\"a.py::t\".\"cp312").unwrap()..],
+            text[cp312..]
+        );
+        assert!(again.contains("peak_bytes = 150\n"));
+        // Asked for one environment, the reader keeps only its figures.
+        let only: BTreeSet<&str> = ["cp312-linux-x86_64"].into();
+        let one = Baseline::parse_environments(Path::new("b.toml"), &text, Some(&only)).unwrap();
+        assert_eq!(one.environments(), only);
+        assert_eq!(one.figures_for("cp311-linux-x86_64"), None);
+        assert_eq!(
+            one.figures_for("cp312-linux-x86_64"),
+            Some("cp312-linux-x86_64")
+        );
+        // --prune drops the environments no results are of.
+        let pruned = both.updated("cp312-linux-x86_64", &second, true);
+        assert_eq!(pruned.environments(), only);
+    }
+
+    #[test]
+    fn a_schema_1_baseline_serves_any_environment_until_an_update_names_it() {
         let text = "schema = 1\n[defaults]\ntolerance = \"5%\"\n\
             [tests.\"a.py::t\"]\npeak_bytes = 1\nfloor = \"1 MiB\"\n[tests.\"gone.py::t\"]\npeak_bytes = 5\n";
-        let baseline = Baseline::parse(Path::new("b.toml"), text).unwrap();
-        assert_eq!(baseline.defaults.tolerance, Some(0.05));
-        let kept = baseline.updated(&results(), false);
-        assert_eq!(kept.tests["a.py::t"].thresholds.floor, Some(1 << 20));
-        assert_eq!(kept.tests["a.py::t"].get("peak_bytes"), Some(20));
-        assert!(kept.tests.contains_key("gone.py::t"));
-        assert!(!baseline
-            .updated(&results(), true)
-            .tests
-            .contains_key("gone.py::t"));
-        assert!(kept.render().contains("floor = \"1 MiB\""));
+        for reader in [Baseline::parse, Baseline::parse_toml] {
+            let baseline = reader(Path::new("b.toml"), text).unwrap();
+            assert!(baseline.one_environment);
+            assert_eq!(
+                baseline.figures_for("cp39-darwin-arm64"),
+                Some(ANY_ENVIRONMENT)
+            );
+            assert_eq!(baseline.defaults.tolerance, Some(0.05));
+            let migrated = baseline.updated(ENV, &results(), false);
+            assert!(!migrated.one_environment);
+            let test = &migrated.tests["a.py::t"];
+            assert_eq!(test.thresholds.floor, Some(1 << 20));
+            assert_eq!(test.environments[ENV].get("peak_bytes"), Some(20));
+            assert_eq!(
+                figures(&migrated, "gone.py::t", ENV).get("peak_bytes"),
+                Some(5)
+            );
+            let rendered = migrated.render();
+            assert!(
+                rendered.contains("[tests.\"a.py::t\"]\nfloor = \"1 MiB\"\n"),
+                "{rendered}"
+            );
+            assert!(!baseline
+                .updated(ENV, &results(), true)
+                .tests
+                .contains_key("gone.py::t"));
+        }
     }
 
     #[test]
@@ -585,8 +1023,9 @@ mod tests {
             .unwrap()
         };
         let runs = [run(300, 7), run(100, 7), run(200, 7)];
-        let baseline = Baseline::default().updated_from_runs(&runs, false);
-        let entry = &baseline.tests["a.py::t"];
+        let of_env: Vec<(&str, &Results)> = runs.iter().map(|r| (ENV, r)).collect();
+        let baseline = Baseline::default().updated_from_runs(&of_env, false);
+        let entry = figures(&baseline, "a.py::t", ENV);
         assert_eq!(entry.get("peak_bytes"), Some(200));
         assert_eq!(entry.spreads[0], Some(200));
         // A figure that did not move has no spread.
@@ -601,12 +1040,21 @@ mod tests {
             baseline
         );
         // One run later: new figures, the learned spread stays.
-        let again = baseline.updated(&run(250, 9), false);
-        assert_eq!(again.tests["a.py::t"].get("peak_bytes"), Some(250));
-        assert_eq!(again.tests["a.py::t"].spreads[0], Some(200));
+        let again = baseline.updated(ENV, &run(250, 9), false);
+        assert_eq!(figures(&again, "a.py::t", ENV).get("peak_bytes"), Some(250));
+        assert_eq!(figures(&again, "a.py::t", ENV).spreads[0], Some(200));
         // Two runs: the lower median.
-        let two = Baseline::default().updated_from_runs(&runs[..2], false);
-        assert_eq!(two.tests["a.py::t"].get("peak_bytes"), Some(100));
+        let two = Baseline::default().updated_from_runs(&of_env[..2], false);
+        assert_eq!(figures(&two, "a.py::t", ENV).get("peak_bytes"), Some(100));
+        // Shards: a test in one of them keeps its spread.
+        let other = Results::parse(
+            Path::new("r.json"),
+            r#"{"schema": 1, "tests": {"b.py::t": {"outcome": "passed", "peak_bytes": 1}}}"#,
+        )
+        .unwrap();
+        let sharded = baseline.updated_from_runs(&[(ENV, &runs[0]), (ENV, &other)], false);
+        assert_eq!(figures(&sharded, "a.py::t", ENV).spreads[0], Some(200));
+        assert_eq!(figures(&sharded, "b.py::t", ENV).get("peak_bytes"), Some(1));
     }
 
     #[test]
@@ -621,9 +1069,21 @@ mod tests {
         assert!(error("schema = 1\n[tests.\"a\"]\npeek = 3\n")
             .contains("key tests.\"a\".peek: unknown"));
         assert!(error("schema = 1\n[tests.\"a\"]\nfloor = \"3 XB\"\n").contains("unknown unit"));
-        assert!(error("schema = 2\n").contains("key schema: version 2"));
+        assert!(error("schema = 3\n").contains("key schema: version 3"));
         assert!(error("schema = [\n").starts_with("b.toml: invalid TOML"));
         assert!(error("[tests]\n").contains("no schema key"));
+        assert!(error("schema = 2\n[tests.\"a\"]\npeak_bytes = 3\n")
+            .contains("[tests.\"a\".\"ENVIRONMENT\"]"));
+        assert!(
+            error("schema = 2\n[tests.\"a\".\"e\"]\ntolerance = \"5%\"\n")
+                .contains("set it in [tests.\"a\"]")
+        );
+        assert!(
+            error("schema = 2\n[tests.\"a\".\"e\"]\nsites = [\"a.py f 3\"]\n").contains(
+                "key tests.\"a\".\"e\".sites: must be an array of \"FILE:LINE FUNCTION BYTES\""
+            )
+        );
+        assert!(error("schema = 2\nextra = 1\n").contains("key extra: unknown"));
     }
 
     proptest::proptest! {
@@ -642,8 +1102,13 @@ mod tests {
         fn the_fast_reader_reads_what_render_writes(
             tests in proptest::collection::btree_map(
                 "(\\PC|[\"\\\\\n\r\t\u{1}\u{7f}\u{e9}\u{1F600}]){0,12}",
-                (proptest::array::uniform4(proptest::option::of(0..=i64::MAX as u64)),
-                 proptest::array::uniform4(proptest::option::of(0..=i64::MAX as u64)),
+                (proptest::collection::btree_map(
+                    "(\\PC|[\"\\\\\u{e9}]){1,8}",
+                    (proptest::array::uniform4(proptest::option::of(0..=i64::MAX as u64)),
+                     proptest::array::uniform4(proptest::option::of(0..=i64::MAX as u64)),
+                     proptest::collection::vec(("(\\PC|[\"\\\\ :]){1,8}", 0..100_000u32, "[a-z_<>.]{1,6}", 0..=i64::MAX as u64), 0..4)),
+                    1..3,
+                 ),
                  proptest::option::of("[0-9]{1,3}(\\.[0-9])?%"),
                  proptest::option::of("[0-9]{1,4}( (B|KiB|MB))?")),
                 0..6,
@@ -660,13 +1125,24 @@ mod tests {
                 defaults: thresholds(default_tolerance, None),
                 tests: tests
                     .into_iter()
-                    .map(|(id, (figures, spreads, tolerance, floor))| {
-                        (id, Entry { figures, spreads, thresholds: thresholds(tolerance, floor) })
+                    .map(|(id, (environments, tolerance, floor))| {
+                        let environments = environments
+                            .into_iter()
+                            .map(|(key, (figures, spreads, sites))| {
+                                let sites = sites
+                                    .into_iter()
+                                    .map(|(file, line, function, bytes)| Site { file, line, function, bytes })
+                                    .collect();
+                                (key, Entry { figures, spreads, sites })
+                            })
+                            .collect();
+                        (id, Test { thresholds: thresholds(tolerance, floor), environments })
                     })
                     .collect(),
+                one_environment: false,
             };
             let text = baseline.render();
-            let fast = read_canonical(Path::new("b.toml"), &text);
+            let fast = read_canonical(Path::new("b.toml"), &text, None);
             proptest::prop_assert_eq!(fast.as_ref(), Some(&baseline), "{}", text);
             proptest::prop_assert_eq!(Baseline::parse_toml(Path::new("b.toml"), &text).unwrap(), baseline);
         }
@@ -679,13 +1155,14 @@ mod tests {
         /// aside. (Texts near the canonical layout: about a third are taken.)
         #[test]
         fn the_fast_reader_agrees_or_steps_aside(text in concat!(
-            r#"(# [a-z\t\u{1}]{0,3}\n)?(schema = (1|1|1|1|1|2|"1")\n)?(\[defaults\]\n(tolerance = "[0-9]{1,2}%"\n)?)?"#,
-            r#"(\[tests\."([a-z]|[a-z]|[a-z]|[a-z]|"|\\|\\u00[0-9a-f]{2}|\\[nt"\\]){1,4}"\]\n"#,
+            r#"(# [a-z\t\u{1}]{0,3}\n)?(schema = (1|1|2|2|2|3|"1")\n)?(\[defaults\]\n(tolerance = "[0-9]{1,2}%"\n)?)?"#,
+            r#"(\[tests\."([a-z]|[a-z]|[a-z]|[a-z]|"|\\|\\u00[0-9a-f]{2}|\\[nt"\\]){1,4}"(\."(e|f|f|"|\\"|\\u00e9)")?\]\n"#,
             r#"((peak_bytes|leaked_bytes|allocations|rss_peak_bytes)(_spread)? = (0|[1-9][0-9]{0,17})\n"#,
             r#"|tolerance = "[0-9]{1,2}%"\n|floor = ("[0-9]{1,3} KiB"|[0-9]{1,5})\n"#,
+            r#"|sites = \[("a:1 f 2"|"b\\"c:3 g 4"|", "|"x"|,){0,4}\]\n"#,
             r#"|([a-z]{1,2}|peak_bytes)( = |=| =)(-1|01|[0-9]|"x\\y")\n){0,4}\n?){0,3}"#,
         )) {
-            if let Some(fast) = read_canonical(Path::new("b.toml"), &text) {
+            if let Some(fast) = read_canonical(Path::new("b.toml"), &text, None) {
                 let general = Baseline::parse_toml(Path::new("b.toml"), &text);
                 proptest::prop_assert_eq!(general.ok(), Some(fast), "{}", text);
             }

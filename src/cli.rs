@@ -3,6 +3,7 @@
 //! Exit codes ([`ExitStatus`]): 0 everything is within its limits, 1 a regression was found (or
 //! `baseline update --check` found the baseline out of date), 2 the input or the command was wrong.
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,7 @@ use crate::baseline::{self, Baseline};
 use crate::compare::{self, Figure, Policy};
 use crate::error::{read_text, write_atomically, write_atomically_with, Error, Result};
 use crate::render::{self, Format};
-use crate::results::{GateRecord, Results};
+use crate::results::{GateRecord, Record, Results, SitesRecord};
 use crate::size;
 use crate::timeline;
 
@@ -199,14 +200,23 @@ fn describe_peak(path: &Path, run: &timeline::Run) -> String {
 
 #[derive(Debug, Args)]
 struct CompareArgs {
-    /// The results of `pytest --memprof` [default: .memgauge/results.json].
-    results: Option<PathBuf>,
+    /// The results of `pytest --memprof` [default: .memgauge/results.json]: one file, or a
+    /// matrix's and shards' files. Each environment's shards are joined, and each environment is
+    /// gated against its own figures in the baseline.
+    results: Vec<PathBuf>,
     /// The baseline [default: memgauge-baseline.toml].
     #[arg(long)]
     baseline: Option<PathBuf>,
     /// Also write JUnit XML here.
     #[arg(long, value_name = "PATH")]
     junit: Option<PathBuf>,
+    /// Also write the Markdown report here (the pull request comment).
+    #[arg(long, value_name = "PATH")]
+    markdown: Option<PathBuf>,
+    /// Exit 2 when the baseline has no figures for an environment of the results (by default
+    /// such an environment is reported, and gates nothing).
+    #[arg(long)]
+    require_baseline: bool,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     #[command(flatten)]
@@ -236,12 +246,15 @@ enum BaselineCommand {
 
 #[derive(Debug, Args)]
 struct UpdateArgs {
-    /// Results files [default: .memgauge/results.json]. Several reruns of the suite: each
-    /// figure is their median, and what it moved across them is kept as its spread.
+    /// Results files [default: .memgauge/results.json]. Each updates the figures of its own
+    /// environment (a matrix's files update one environment each). Several of one environment
+    /// are shards or reruns: each figure is the median of the files that have the test, and
+    /// what it moved across them is kept as its spread.
     results: Vec<PathBuf>,
     #[arg(long)]
     baseline: Option<PathBuf>,
-    /// Drop tests that are not in the results.
+    /// Drop the environments that no results file is of, and the tests that no results file
+    /// of their environment has.
     #[arg(long)]
     prune: bool,
     /// Write nothing; exit 1 when the baseline would change.
@@ -251,6 +264,7 @@ struct UpdateArgs {
 
 #[derive(Debug, Args)]
 struct MergeArgs {
+    /// Results files of one environment: a suite's shards, or parts run apart.
     #[arg(required = true, num_args = 1..)]
     inputs: Vec<PathBuf>,
     #[arg(short, long)]
@@ -399,10 +413,11 @@ fn run_report(args: ReportArgs, settings: &Settings) -> Result<ExitStatus> {
             Some(path) => Some(Baseline::parse(path, &read_text(path, "")?)?),
             None => None,
         };
+        let environment = results.environment_key(&results_path)?;
         let comparison = match &baseline {
             Some(baseline) => {
                 let policy = policy(&GateOptions::default(), settings, baseline)?;
-                Some(compare::compare(&results, baseline, &policy))
+                Some(compare::compare(&results, baseline, environment, &policy))
             }
             None => None,
         };
@@ -430,39 +445,96 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
                 .to_owned(),
         ));
     }
-    let results_path = settings.results_path(args.results.clone());
+    let paths = if args.results.is_empty() {
+        vec![settings.results_path(None)]
+    } else {
+        args.results.clone()
+    };
     let baseline_path = settings.baseline_path(args.baseline.clone());
-    // The two files are read and parsed side by side (a second core halves the wait on a large
-    // suite: 100,000 tests are 36 MB of results and 13 MB of baseline).
-    let (results, baseline) = std::thread::scope(|scope| {
-        let results = scope.spawn(|| Results::<GateRecord>::load(&results_path));
-        let baseline = read_text(
+    // The results and the baseline's text are read side by side (a second core halves the wait
+    // on a large suite: 100,000 tests are 36 MB of results and 13 MB of baseline); the baseline
+    // is parsed once the results say which environments it needs.
+    let (groups, baseline_text) = std::thread::scope(|scope| {
+        let results = scope.spawn(|| {
+            let runs = paths
+                .iter()
+                .map(|path| Ok((path.clone(), Results::<GateRecord>::load(path)?)))
+                .collect::<Result<Vec<_>>>()?;
+            join_environments(runs, false)
+        });
+        let text = read_text(
             &baseline_path,
             "; create it with `memgauge baseline update` and commit it, or pass --baseline",
-        )
-        .and_then(|text| Baseline::parse(&baseline_path, &text));
+        );
         let results = results.join().expect("the results reader does not panic");
-        Ok::<_, Error>((results?, baseline?))
+        Ok::<_, Error>((results?, text?))
     })?;
+    let wanted = groups.keys().map(String::as_str).collect();
+    let baseline = Baseline::parse_environments(&baseline_path, &baseline_text, Some(&wanted))?;
+    drop(baseline_text);
     let policy = policy(&args.gating, settings, &baseline)?;
-    let comparison = compare::compare(&results, &baseline, &policy);
 
+    let mut environments = Vec::with_capacity(groups.len());
+    for (environment, group) in &groups {
+        let comparison = baseline
+            .figures_for(environment)
+            .map(|_| compare::compare(&group.results, &baseline, environment, &policy));
+        environments.push(render::Gated {
+            environment: environment.clone(),
+            files: group
+                .paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            tests: group.results.tests.len() + group.results.benchmarks.len(),
+            comparison,
+        });
+    }
+    // A regression's report sets its lines at the peak beside the baseline's: read from the
+    // results again, only when there is one to report.
+    for gated in &mut environments {
+        let Some(comparison) = gated.comparison.as_mut() else {
+            continue;
+        };
+        if !comparison.has_regressions() {
+            continue;
+        }
+        for path in &groups[&gated.environment].paths {
+            let sites = Results::<SitesRecord>::load(path)?;
+            let regressed: Vec<String> = comparison.regressed_tests().map(str::to_owned).collect();
+            for test in regressed {
+                if let Some(record) = sites.tests.get(&test).or(sites.benchmarks.get(&test)) {
+                    comparison.add_current_sites(&test, &record.top_sites);
+                }
+            }
+        }
+    }
     let gated: Vec<_> = policy.gated.iter().map(|f| f.name()).collect();
-    let header = format!(
-        "memgauge: {} tests in {} against {} (gating {}; tolerance {:.1}%, floor {})",
-        results.tests.len() + results.benchmarks.len(),
-        results_path.display(),
-        baseline_path.display(),
-        gated.join(", "),
-        policy.tolerance * 100.0,
-        size::format_size(policy.floor),
-    );
-    print!("{}", render::comparison(&comparison, args.format, &header));
+    let gate = render::Gate {
+        baseline: baseline_path.display().to_string(),
+        policy: format!(
+            "gating {}; tolerance {:.1}%, floor {}",
+            gated.join(", "),
+            policy.tolerance * 100.0,
+            size::format_size(policy.floor),
+        ),
+        record_command: format!(
+            "memgauge baseline update --baseline {}",
+            render::printable(&baseline_path.display().to_string())
+        ),
+        environments,
+    };
+
+    print!("{}", render::gate(&gate, args.format));
     if let Some(junit) = &args.junit {
-        write_atomically_with(junit, |out| render::junit(&comparison, out))?;
+        let comparisons: Vec<_> = gate.comparisons().collect();
+        write_atomically_with(junit, |out| render::junit(&comparisons, out))?;
+    }
+    if let Some(markdown) = &args.markdown {
+        write_atomically(markdown, render::markdown(&gate).as_bytes())?;
     }
     if std::env::var("GITHUB_ACTIONS").as_deref() == Ok("true") {
-        print!("{}", render::github_annotations(&comparison));
+        print!("{}", render::github_annotations(&gate));
         if let Some(summary) = std::env::var_os("GITHUB_STEP_SUMMARY") {
             let summary = PathBuf::from(summary);
             let mut file = std::fs::OpenOptions::new()
@@ -473,7 +545,7 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
                     path: summary.clone(),
                     source,
                 })?;
-            file.write_all(render::markdown(&comparison, &header).as_bytes())
+            file.write_all(render::markdown(&gate).as_bytes())
                 .map_err(|source| Error::Write {
                     path: summary.clone(),
                     source,
@@ -481,11 +553,139 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
         }
     }
     let _ = std::io::stdout().flush();
-    Ok(if comparison.has_regressions() {
+    let unbaselined: Vec<_> = gate.unbaselined().map(|g| g.environment.as_str()).collect();
+    if args.require_baseline && !unbaselined.is_empty() {
+        return Err(Error::invalid(
+            &baseline_path,
+            format!(
+                "no figures for environment {} (--require-baseline): record them with \
+                 `memgauge baseline update` from those results, and commit the baseline",
+                unbaselined.join(", ")
+            ),
+        ));
+    }
+    Ok(if gate.regressions() > 0 {
         ExitStatus::Regression
     } else {
         ExitStatus::Success
     })
+}
+
+/// The results of one environment, joined from its files.
+struct Joined<R> {
+    paths: Vec<PathBuf>,
+    results: Results<R>,
+}
+
+/// Joins results files by environment: the shards of one run (all of them: a missing shard is
+/// an error), or parts of a suite run apart. A test in two files of one environment is an error
+/// unless `keep_last`: reruns are learned by `baseline update`, not gated together.
+fn join_environments<R: Record>(
+    runs: Vec<(PathBuf, Results<R>)>,
+    keep_last: bool,
+) -> Result<BTreeMap<String, Joined<R>>> {
+    let mut groups: BTreeMap<String, Joined<R>> = BTreeMap::new();
+    let mut shards: BTreeMap<String, Vec<ShardOf>> = BTreeMap::new();
+    for (path, results) in runs {
+        let environment = results.environment_key(&path)?.to_owned();
+        shards
+            .entry(environment.clone())
+            .or_default()
+            .push((path.clone(), results.shard(&path)?));
+        let Some(group) = groups.get_mut(&environment) else {
+            groups.insert(
+                environment,
+                Joined {
+                    paths: vec![path],
+                    results,
+                },
+            );
+            continue;
+        };
+        for (section, incoming) in [
+            (&mut group.results.tests, results.tests),
+            (&mut group.results.benchmarks, results.benchmarks),
+        ] {
+            for (id, record) in incoming {
+                if section.contains_key(&id) && !keep_last {
+                    let earlier = group.paths.last().expect("a group has a file");
+                    return Err(Error::invalid(
+                        &path,
+                        format!(
+                            "test {:?} is also in {} (both of environment {environment}): \
+                             shards of one run hold each test once; to learn reruns, pass them \
+                             to `memgauge baseline update`",
+                            render::printable(&id),
+                            earlier.display()
+                        ),
+                    ));
+                }
+                section.insert(id, record);
+            }
+        }
+        group.paths.push(path);
+    }
+    for (environment, files) in shards {
+        check_shards(&environment, &files)?;
+    }
+    Ok(groups)
+}
+
+/// A results file and the shard (K, N) it was, if one.
+type ShardOf = (PathBuf, Option<(u32, u32)>);
+
+/// The shards of one environment: each of 1..=N exactly once, all of one N.
+fn check_shards(environment: &str, files: &[ShardOf]) -> Result<()> {
+    let Some((first_path, Some((_, count)))) = files.iter().find(|(_, shard)| shard.is_some())
+    else {
+        return Ok(());
+    };
+    let mut seen = vec![false; *count as usize];
+    for (path, shard) in files {
+        match shard {
+            Some((index, n)) if n == count && !seen[*index as usize - 1] => {
+                seen[*index as usize - 1] = true;
+            }
+            Some((index, n)) if n == count => {
+                return Err(Error::invalid(
+                    path,
+                    format!("shard {index}/{n} of environment {environment} is given twice"),
+                ));
+            }
+            Some((index, n)) => {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "shard {index}/{n}, where {} is a shard of {count}: the shards of one \
+                         environment come from one split",
+                        first_path.display()
+                    ),
+                ));
+            }
+            None => {
+                return Err(Error::invalid(
+                    path,
+                    format!(
+                        "not a shard, where {} is one (environment {environment}): pass the \
+                         shards of one run",
+                        first_path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let missing: Vec<String> = (1..=*count)
+        .filter(|k| !seen[*k as usize - 1])
+        .map(|k| format!("{k}/{count}"))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Usage(format!(
+            "environment {environment}: shard {} missing: its tests would go unmeasured; pass \
+             every shard's results",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 fn run_update(args: UpdateArgs, settings: &Settings) -> Result<ExitStatus> {
@@ -498,9 +698,23 @@ fn run_update(args: UpdateArgs, settings: &Settings) -> Result<ExitStatus> {
         .iter()
         .map(|path| Results::load(path))
         .collect::<Result<Vec<_>>>()?;
-    same_environment(&paths, &runs)?;
+    let environments = paths
+        .iter()
+        .zip(&runs)
+        .map(|(path, results)| results.environment_key(path))
+        .collect::<Result<Vec<_>>>()?;
+    let runs: Vec<(&str, &Results)> = environments.into_iter().zip(&runs).collect();
     let path = settings.baseline_path(args.baseline);
     let (old, old_text) = Baseline::load_or_empty(&path)?;
+    if old.one_environment {
+        println!(
+            "memgauge: {} was written for one environment (schema 1): its figures become those \
+             of {}, and it is rewritten as schema {}",
+            path.display(),
+            runs[0].0,
+            baseline::SCHEMA
+        );
+    }
     let new_text = old.updated_from_runs(&runs, args.prune).render();
     let old_text = old_text.unwrap_or_default();
     if old_text == new_text {
@@ -520,62 +734,30 @@ fn run_update(args: UpdateArgs, settings: &Settings) -> Result<ExitStatus> {
     Ok(ExitStatus::Success)
 }
 
-/// Reruns learned together must come from one environment: a spread across two Pythons or
-/// machines is not noise.
-fn same_environment(paths: &[PathBuf], runs: &[Results]) -> Result<()> {
-    const KEYS: [&str; 4] = ["implementation", "python", "platform", "machine"];
-    let describe = |results: &Results| {
-        KEYS.map(|key| {
-            results
-                .environment
-                .get(key)
-                .and_then(|value| value.as_str())
-                .unwrap_or("?")
-                .to_owned()
-        })
-        .join(" ")
-    };
-    let first = describe(&runs[0]);
-    for (path, results) in paths.iter().zip(runs).skip(1) {
-        let this = describe(results);
-        if this != first {
-            return Err(Error::invalid(
-                path,
-                format!(
-                    "measured on {this}, and {} on {first}: a baseline learns reruns of one \
-                     environment; update it from each environment's results separately",
-                    paths[0].display()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn run_merge(args: MergeArgs) -> Result<ExitStatus> {
-    let mut merged: Option<Results> = None;
-    for input in &args.inputs {
-        let results = Results::load(input)?;
-        let Some(target) = merged.as_mut() else {
-            merged = Some(results);
-            continue;
-        };
-        for (section, incoming) in [
-            (&mut target.tests, results.tests),
-            (&mut target.benchmarks, results.benchmarks),
-        ] {
-            for (id, record) in incoming {
-                if section.contains_key(&id) && args.prefer != "last" {
-                    return Err(Error::invalid(
-                        input,
-                        format!("test {id:?} is also in an earlier input; pass --prefer last to keep this one"),
-                    ));
-                }
-                section.insert(id, record);
-            }
-        }
+    let runs = args
+        .inputs
+        .iter()
+        .map(|path| Ok((path.clone(), Results::load(path)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let groups = join_environments(runs, args.prefer == "last")?;
+    if groups.len() > 1 {
+        let names: Vec<&str> = groups.keys().map(String::as_str).collect();
+        return Err(Error::Usage(format!(
+            "the inputs are of {} environments ({}): merge joins one environment's shards; \
+             `memgauge compare` takes every environment's results and gates each against its \
+             own figures",
+            groups.len(),
+            names.join(", ")
+        )));
     }
-    let merged = merged.expect("clap requires one input");
+    let mut merged = groups
+        .into_values()
+        .next()
+        .expect("clap requires one input")
+        .results;
+    // The joined file is the whole run, not a shard of it.
+    merged.shard = None;
     merged.save(&args.output)?;
     println!(
         "memgauge: wrote {} ({} tests)",

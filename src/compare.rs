@@ -2,8 +2,10 @@
 
 use serde::Serialize;
 
-use crate::baseline::{Baseline, Entry, FIGURES};
-use crate::results::{Record, Results};
+use std::collections::BTreeMap;
+
+use crate::baseline::{Baseline, Entry, Thresholds, FIGURES};
+use crate::results::{Record, Results, Site};
 
 /// A figure that can be gated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,8 +118,22 @@ pub struct Verdict<'a> {
     pub regressions: std::ops::Range<usize>,
 }
 
+/// A line of a regressed test's report: a site at the peak, now and in the baseline, matched by
+/// file and function (line numbers move with every edit above them).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SiteRow {
+    pub file: String,
+    pub function: String,
+    /// The line now, else the baseline's.
+    pub line: u32,
+    pub baseline: Option<u64>,
+    pub current: Option<u64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Comparison<'a> {
+    /// The environment the results were measured in.
+    pub environment: String,
     pub regressions: Vec<Change>,
     pub improvements: Vec<Change>,
     /// Changes beyond the tolerance and the floor but within the figure's learned spread:
@@ -129,6 +145,9 @@ pub struct Comparison<'a> {
     /// Tests in the results without figures (crashed, or failed before measuring).
     pub unmeasured_tests: Vec<String>,
     pub unchanged: usize,
+    /// For each regressed test, its sites at the peak beside the baseline's.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub sites: BTreeMap<String, Vec<SiteRow>>,
     #[serde(skip)]
     pub verdicts: Vec<Verdict<'a>>,
 }
@@ -136,6 +155,40 @@ pub struct Comparison<'a> {
 impl<'a> Comparison<'a> {
     pub fn has_regressions(&self) -> bool {
         !self.regressions.is_empty()
+    }
+
+    /// The tests whose sites the report shows: the regressed ones.
+    pub fn regressed_tests(&self) -> impl Iterator<Item = &str> {
+        self.sites.keys().map(String::as_str)
+    }
+
+    /// Sets a regressed test's sites now beside the baseline's (already in `sites`): the rows
+    /// by file and function, largest now first, then the baseline's that are gone.
+    pub fn add_current_sites(&mut self, test: &str, current: &[Site]) {
+        let Some(rows) = self.sites.get_mut(test) else {
+            return;
+        };
+        for site in current.iter().take(crate::baseline::SITES_KEPT) {
+            match rows
+                .iter_mut()
+                .find(|row| row.file == site.file && row.function == site.function)
+            {
+                Some(row) if row.current.is_none() => {
+                    row.current = Some(site.bytes);
+                    row.line = site.line;
+                }
+                // Two lines of one function: the second adds to the first.
+                Some(row) => row.current = Some(row.current.unwrap_or(0) + site.bytes),
+                None => rows.push(SiteRow {
+                    file: site.file.clone(),
+                    function: site.function.clone(),
+                    line: site.line,
+                    baseline: None,
+                    current: Some(site.bytes),
+                }),
+            }
+        }
+        rows.sort_by(|a, b| b.current.cmp(&a.current).then(b.baseline.cmp(&a.baseline)));
     }
 
     /// Records a test's verdict, with the figures of whichever sides it has.
@@ -168,20 +221,26 @@ impl<'a> Comparison<'a> {
     }
 }
 
+/// Gates `results`, measured in `environment`, against the figures the baseline has for it
+/// (see [`Baseline::figures_for`]).
 pub fn compare<'a, R: Record>(
     results: &'a Results<R>,
     baseline: &'a Baseline,
+    environment: &str,
     policy: &Policy,
 ) -> Comparison<'a> {
     let mut comparison = Comparison {
+        environment: environment.to_owned(),
         verdicts: Vec::with_capacity(results.tests.len() + baseline.tests.len()),
         ..Comparison::default()
     };
-    let (pairs, missing) = pair(results, baseline);
+    let figures = baseline.figures_for(environment).unwrap_or(environment);
+    let (pairs, missing) = pair(results, baseline, figures);
     for (id, record, entry) in pairs {
         let current = |figure: Figure| figure.value(record);
         let measured = record.figure(Figure::Peak).is_some();
-        let (Some(entry), true) = (entry, measured) else {
+        let (Some((thresholds, entry)), true) = (entry, measured) else {
+            let entry = entry.map(|(_, entry)| entry);
             let status = if measured {
                 Status::New
             } else {
@@ -190,8 +249,8 @@ pub fn compare<'a, R: Record>(
             comparison.add(id, status, entry, Some(record), 0..0);
             continue;
         };
-        let tolerance = entry.thresholds.tolerance.unwrap_or(policy.tolerance);
-        let bytes_floor = entry.thresholds.floor.unwrap_or(policy.floor);
+        let tolerance = thresholds.tolerance.unwrap_or(policy.tolerance);
+        let bytes_floor = thresholds.floor.unwrap_or(policy.floor);
         let first_regression = comparison.regressions.len();
         let mut regressed = false;
         let mut changed = false;
@@ -240,6 +299,18 @@ pub fn compare<'a, R: Record>(
             comparison.unchanged += 1;
         }
         let status = if regressed {
+            let rows = entry
+                .sites
+                .iter()
+                .map(|site| SiteRow {
+                    file: site.file.clone(),
+                    function: site.function.clone(),
+                    line: site.line,
+                    baseline: Some(site.bytes),
+                    current: None,
+                })
+                .collect();
+            comparison.sites.insert(id.clone(), rows);
             Status::Regressed
         } else {
             Status::Passed
@@ -253,16 +324,22 @@ pub fn compare<'a, R: Record>(
     comparison
 }
 
-type Pair<'a, R> = (&'a String, &'a R, Option<&'a Entry>);
+type Pair<'a, R> = (&'a String, &'a R, Option<(&'a Thresholds, &'a Entry)>);
 
-/// Each test and benchmark of the results with its baseline entry, and the baseline entries
-/// that nothing in the results has. Tests and baseline are both sorted by id, so one merge walk
-/// pairs them without a lookup each; the few benchmarks are looked up.
+/// Each test and benchmark of the results with its thresholds and its entry in the baseline's
+/// `environment`, and the baseline entries that nothing in the results has. Tests and baseline
+/// are both sorted by id, so one merge walk pairs them without a lookup each; the few benchmarks
+/// are looked up.
 fn pair<'a, R>(
     results: &'a Results<R>,
     baseline: &'a Baseline,
+    environment: &str,
 ) -> (Vec<Pair<'a, R>>, Vec<(&'a String, &'a Entry)>) {
-    let mut base = baseline.tests.iter().peekable();
+    let in_environment = |(id, test): (&'a String, &'a crate::baseline::Test)| {
+        let entry = test.environments.get(environment)?;
+        Some((id, (&test.thresholds, entry)))
+    };
+    let mut base = baseline.tests.iter().filter_map(in_environment).peekable();
     let mut missing = Vec::new();
     let mut pairs = Vec::with_capacity(results.tests.len() + results.benchmarks.len());
     for (id, record) in &results.tests {
@@ -275,8 +352,17 @@ fn pair<'a, R>(
     missing.extend(base);
     missing.retain(|(id, _)| !results.benchmarks.contains_key(*id));
     for (id, record) in &results.benchmarks {
-        pairs.push((id, record, baseline.tests.get(id)));
+        let entry = baseline
+            .tests
+            .get_key_value(id)
+            .and_then(in_environment)
+            .map(|(_, entry)| entry);
+        pairs.push((id, record, entry));
     }
+    let missing = missing
+        .into_iter()
+        .map(|(id, (_, entry))| (id, entry))
+        .collect();
     (pairs, missing)
 }
 
@@ -309,7 +395,7 @@ mod tests {
         let baseline = baseline();
         // a: +20% and +2 MB: over both. b: +100% but +1000 B: under the floor.
         let results = sample::<TestRecord>(12_000_000, 2_000);
-        let comparison = compare(&results, &baseline, &policy);
+        let comparison = compare(&results, &baseline, "e", &policy);
         assert_eq!(comparison.regressions.len(), 1);
         let regression = &comparison.regressions[0];
         assert_eq!(
@@ -325,7 +411,7 @@ mod tests {
 
         // The gate's lean records give the same verdicts.
         let lean = sample::<GateRecord>(12_000_000, 2_000);
-        let lean = compare(&lean, &baseline, &policy);
+        let lean = compare(&lean, &baseline, "e", &policy);
         assert_eq!(lean.regressions, comparison.regressions);
         assert_eq!(
             serde_json::to_value(&lean.verdicts).unwrap(),
@@ -334,20 +420,20 @@ mod tests {
 
         // +5% and +500 KB: over the floor, under the tolerance.
         let results = sample::<GateRecord>(10_500_000, 1_000);
-        assert!(!compare(&results, &baseline, &policy).has_regressions());
+        assert!(!compare(&results, &baseline, "e", &policy).has_regressions());
     }
 
     #[test]
     fn improvements_and_per_test_thresholds() {
         let (results, baseline) = (sample::<GateRecord>(5_000_000, 1_000), baseline());
-        let comparison = compare(&results, &baseline, &Policy::default());
+        let comparison = compare(&results, &baseline, "e", &Policy::default());
         assert_eq!(comparison.improvements.len(), 1);
         assert!(!comparison.has_regressions());
 
         let text = "schema = 1\n[tests.\"t.py::a\"]\npeak_bytes = 10000000\ntolerance = \"50%\"\n";
         let lenient = Baseline::parse(Path::new("b.toml"), text).unwrap();
         let results = sample::<GateRecord>(12_000_000, 1);
-        assert!(!compare(&results, &lenient, &Policy::default()).has_regressions());
+        assert!(!compare(&results, &lenient, "e", &Policy::default()).has_regressions());
     }
 
     #[test]
@@ -356,15 +442,61 @@ mod tests {
             peak_bytes_spread = 3000000\n[tests.\"t.py::b\"]\npeak_bytes = 1000\n";
         let baseline = Baseline::parse(Path::new("b.toml"), text).unwrap();
         let results = sample::<GateRecord>(12_500_000, 1_000);
-        let within = compare(&results, &baseline, &Policy::default());
+        let within = compare(&results, &baseline, "e", &Policy::default());
         assert!(!within.has_regressions());
         assert_eq!(within.noisy.len(), 1);
         assert_eq!(within.noisy[0].spread, Some(3_000_000));
         assert_eq!(within.unchanged, 2);
         let results = sample::<GateRecord>(13_500_000, 1_000);
-        let beyond = compare(&results, &baseline, &Policy::default());
+        let beyond = compare(&results, &baseline, "e", &Policy::default());
         assert_eq!(beyond.regressions.len(), 1);
         assert!(beyond.noisy.is_empty());
+    }
+
+    #[test]
+    fn each_environment_gates_against_its_own_figures_and_reports_sites() {
+        let text = "schema = 2\n[tests.\"t.py::a\".\"cp311\"]\npeak_bytes = 1000000\n\
+            sites = [\"t.py:4 build 900000\", \"t.py:9 gone 50000\"]\n\
+            [tests.\"t.py::a\".\"cp312\"]\npeak_bytes = 3000000\n";
+        let baseline = Baseline::parse(Path::new("b.toml"), text).unwrap();
+        let results = sample::<GateRecord>(2_500_000, 1_000);
+        let cp311 = compare(&results, &baseline, "cp311", &Policy::default());
+        assert_eq!(cp311.regressions.len(), 1);
+        assert_eq!(cp311.environment, "cp311");
+        let cp312 = compare(&results, &baseline, "cp312", &Policy::default());
+        assert!(!cp312.has_regressions());
+        assert_eq!(cp312.improvements.len(), 1);
+        assert_eq!(baseline.figures_for("cp313"), None);
+
+        // The regressed test's sites now, matched to the baseline's by file and function.
+        let mut cp311 = cp311;
+        let now = [
+            Site {
+                file: "t.py".into(),
+                line: 5,
+                function: "build".into(),
+                bytes: 2_400_000,
+            },
+            Site {
+                file: "t.py".into(),
+                line: 7,
+                function: "fresh".into(),
+                bytes: 60_000,
+            },
+        ];
+        cp311.add_current_sites("t.py::a", &now);
+        let rows = &cp311.sites["t.py::a"];
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].function.as_str(), rows[0].line), ("build", 5));
+        assert_eq!(
+            (rows[0].baseline, rows[0].current),
+            (Some(900_000), Some(2_400_000))
+        );
+        assert_eq!(
+            (rows[1].function.as_str(), rows[1].baseline),
+            ("fresh", None)
+        );
+        assert_eq!((rows[2].function.as_str(), rows[2].current), ("gone", None));
     }
 
     #[test]
@@ -374,6 +506,6 @@ mod tests {
             ..Policy::default()
         };
         let (results, baseline) = (sample::<GateRecord>(99_000_000, 1_000), baseline());
-        assert!(!compare(&results, &baseline, &policy).has_regressions());
+        assert!(!compare(&results, &baseline, "e", &policy).has_regressions());
     }
 }

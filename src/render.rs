@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::compare::{Change, Comparison, Status};
+use crate::compare::{Change, Comparison, SiteRow, Status};
 use crate::results::Results;
 use crate::size::{format_signed_size, format_size};
 
@@ -83,70 +83,223 @@ fn spread_note(change: &Change) -> String {
     )
 }
 
-pub fn comparison(comparison: &Comparison, format: Format, header: &str) -> String {
+/// What one `memgauge compare` gated: an environment's results against its figures, or an
+/// environment the baseline has none for.
+pub struct Gated<'a> {
+    pub environment: String,
+    /// The results files it was read from (shards joined), for the report.
+    pub files: Vec<String>,
+    pub tests: usize,
+    /// `None`: the baseline has no figures for this environment, and nothing was gated.
+    pub comparison: Option<Comparison<'a>>,
+}
+
+/// The whole gate: every environment, under one header line.
+pub struct Gate<'a> {
+    pub baseline: String,
+    /// `gating peak, leaked; tolerance 10.0%, floor 64.0 KiB`.
+    pub policy: String,
+    /// The command that records a missing environment's figures.
+    pub record_command: String,
+    pub environments: Vec<Gated<'a>>,
+}
+
+impl Gate<'_> {
+    pub fn regressions(&self) -> usize {
+        self.comparisons().map(|c| c.regressions.len()).sum()
+    }
+
+    pub fn comparisons(&self) -> impl Iterator<Item = &Comparison<'_>> {
+        self.environments
+            .iter()
+            .filter_map(|gated| gated.comparison.as_ref())
+    }
+
+    pub fn unbaselined(&self) -> impl Iterator<Item = &Gated<'_>> {
+        self.environments
+            .iter()
+            .filter(|gated| gated.comparison.is_none())
+    }
+
+    fn header(&self, gated: &Gated) -> String {
+        format!(
+            "memgauge: {} tests of {} in {} against {} ({})",
+            gated.tests,
+            printable(&gated.environment),
+            printable(&gated.files.join(", ")),
+            printable(&self.baseline),
+            self.policy,
+        )
+    }
+
+    fn no_baseline(&self, gated: &Gated) -> String {
+        format!(
+            "the baseline has no figures for environment {}: nothing was gated. Record them with \
+             `{} {}` and commit {}",
+            printable(&gated.environment),
+            self.record_command,
+            printable(&gated.files.join(" ")),
+            printable(&self.baseline),
+        )
+    }
+}
+
+pub fn gate(gate: &Gate, format: Format) -> String {
     match format {
-        // The page needs the results too: `memgauge report --format html --baseline`.
-        Format::Html => markdown(comparison, header),
         Format::Json => {
-            let mut text = serde_json::to_string_pretty(comparison).expect("comparison serializes");
+            let environments: Vec<serde_json::Value> = gate
+                .environments
+                .iter()
+                .map(|gated| {
+                    let mut value = match &gated.comparison {
+                        Some(comparison) => {
+                            serde_json::to_value(comparison).expect("comparison serializes")
+                        }
+                        None => serde_json::json!({"environment": gated.environment}),
+                    };
+                    value["baseline"] = gated.comparison.is_some().into();
+                    value["files"] = gated.files.clone().into();
+                    value
+                })
+                .collect();
+            let document = serde_json::json!({
+                "regressions": gate.regressions(),
+                "environments": environments,
+            });
+            let mut text = serde_json::to_string_pretty(&document).expect("report serializes");
             text.push('\n');
             text
         }
+        // The page needs the results too: `memgauge report --format html --baseline`.
+        Format::Markdown | Format::Html => markdown(gate),
         Format::Text => {
-            let mut out = format!("{header}\n");
-            for change in &comparison.regressions {
-                let test = printable(&change.test);
-                let _ = writeln!(out, "REGRESSION  {test}  {}", describe(change));
+            let mut out = String::new();
+            for gated in &gate.environments {
+                let _ = writeln!(out, "{}", gate.header(gated));
+                match &gated.comparison {
+                    Some(comparison) => text(comparison, &mut out),
+                    None => {
+                        let _ = writeln!(out, "NO BASELINE {}", gate.no_baseline(gated));
+                    }
+                }
             }
-            for change in &comparison.improvements {
-                let test = printable(&change.test);
-                let _ = writeln!(out, "improved    {test}  {}", describe(change));
-            }
-            for change in &comparison.noisy {
-                let note = spread_note(change);
-                let _ = writeln!(
-                    out,
-                    "noisy       {}  {} ({note})",
-                    change.test,
-                    describe(change)
-                );
-            }
-            for test in &comparison.new_tests {
-                let test = printable(test);
-                let _ = writeln!(out, "new         {test}  (not in the baseline)");
-            }
-            for test in &comparison.missing_tests {
-                let test = printable(test);
-                let _ = writeln!(
-                    out,
-                    "missing     {test}  (in the baseline, not in the results)"
-                );
-            }
-            for test in &comparison.unmeasured_tests {
-                let test = printable(test);
-                let _ = writeln!(
-                    out,
-                    "unmeasured  {test}  (no figures: crashed or failed early)"
-                );
-            }
-            let _ = writeln!(out, "{}", summary_line(comparison));
             out
         }
-        Format::Markdown => markdown(comparison, header),
+    }
+}
+
+fn text(comparison: &Comparison, out: &mut String) {
+    let regressions = &comparison.regressions;
+    for (index, change) in regressions.iter().enumerate() {
+        let test = printable(&change.test);
+        let _ = writeln!(out, "REGRESSION  {test}  {}", describe(change));
+        let last_of_test = regressions
+            .get(index + 1)
+            .map_or(true, |next| next.test != change.test);
+        if last_of_test {
+            for row in comparison.sites.get(&change.test).into_iter().flatten() {
+                let _ = writeln!(out, "              {}", site_text(row));
+            }
+        }
+    }
+    for change in &comparison.improvements {
+        let test = printable(&change.test);
+        let _ = writeln!(out, "improved    {test}  {}", describe(change));
+    }
+    for change in &comparison.noisy {
+        let test = printable(&change.test);
+        let note = spread_note(change);
+        let _ = writeln!(out, "noisy       {test}  {} ({note})", describe(change));
+    }
+    for test in &comparison.new_tests {
+        let test = printable(test);
+        let _ = writeln!(out, "new         {test}  (not in the baseline)");
+    }
+    for test in &comparison.missing_tests {
+        let test = printable(test);
+        let _ = writeln!(
+            out,
+            "missing     {test}  (in the baseline, not in the results)"
+        );
+    }
+    for test in &comparison.unmeasured_tests {
+        let test = printable(test);
+        let _ = writeln!(
+            out,
+            "unmeasured  {test}  (no figures: crashed or failed early)"
+        );
+    }
+    let _ = writeln!(out, "{}", summary_line(comparison));
+}
+
+/// `t.py:12 in build: 3.0 MiB (baseline 1.0 MiB, +2.0 MiB)`: a site at the peak.
+fn site_text(row: &SiteRow) -> String {
+    let place = printable(&format!("{}:{} in {}", row.file, row.line, row.function)).into_owned();
+    match (row.current, row.baseline) {
+        (Some(now), Some(before)) => format!(
+            "{place}: {} (baseline {}, {})",
+            format_size(now),
+            format_size(before),
+            format_signed_size(i128::from(now) - i128::from(before))
+        ),
+        (Some(now), None) => format!(
+            "{place}: {} (not among the baseline's top lines)",
+            format_size(now)
+        ),
+        (None, Some(before)) => format!(
+            "{place}: not among the top lines now (baseline {})",
+            format_size(before)
+        ),
+        (None, None) => place,
     }
 }
 
 fn markdown_cell(text: &str) -> String {
     text.replace('|', "\\|")
         .replace('`', "'")
-        .replace('\n', " ")
+        .replace(['\n', '\r'], " ")
 }
 
-pub fn markdown(comparison: &Comparison, header: &str) -> String {
-    let mut out = format!(
-        "### memgauge\n\n{header}\n\n**{}**\n\n",
-        summary_line(comparison)
-    );
+/// Tables longer than this are collapsed under their summary.
+const MARKDOWN_ROWS_SHOWN: usize = 10;
+
+/// `body` under `summary`, collapsed when it has more than [`MARKDOWN_ROWS_SHOWN`] rows.
+fn section(out: &mut String, summary: &str, body: &str, rows: usize) {
+    if rows > MARKDOWN_ROWS_SHOWN {
+        let _ = write!(
+            out,
+            "\n<details><summary>{summary}</summary>\n\n{body}\n</details>\n"
+        );
+    } else {
+        let _ = write!(out, "\n{summary}\n\n{body}");
+    }
+}
+
+/// The Markdown report: the job summary, and the pull request comment.
+pub fn markdown(gate: &Gate) -> String {
+    let mut out = String::from("### memgauge\n");
+    let several = gate.environments.len() > 1;
+    for gated in &gate.environments {
+        if several {
+            let _ = write!(out, "\n#### `{}`\n", markdown_cell(&gated.environment));
+        }
+        let _ = write!(out, "\n{}\n", markdown_cell(&gate.header(gated)));
+        match &gated.comparison {
+            Some(comparison) => markdown_comparison(comparison, &mut out),
+            None => {
+                let _ = write!(
+                    out,
+                    "\n:warning: {}\n",
+                    markdown_cell(&gate.no_baseline(gated))
+                );
+            }
+        }
+    }
+    out
+}
+
+fn markdown_comparison(comparison: &Comparison, out: &mut String) {
+    let _ = write!(out, "\n**{}**\n", summary_line(comparison));
     let rows: Vec<(&str, &Change)> = comparison
         .regressions
         .iter()
@@ -160,10 +313,10 @@ pub fn markdown(comparison: &Comparison, header: &str) -> String {
         .chain(comparison.noisy.iter().map(|c| (":white_circle: noisy", c)))
         .collect();
     if !rows.is_empty() {
-        out.push_str(
-            "| | Test | Figure | Baseline | Current | Change |\n|---|---|---|---|---|---|\n",
-        );
-        for (label, change) in rows {
+        let mut table =
+            "| | Test | Figure | Baseline | Current | Change |\n|---|---|---|---|---|---|\n"
+                .to_owned();
+        for (label, change) in &rows {
             let percent = change
                 .change_percent
                 .map_or("n/a".to_owned(), |p| format!("{p:+.1}%"));
@@ -173,7 +326,7 @@ pub fn markdown(comparison: &Comparison, header: &str) -> String {
                 String::new()
             };
             let _ = writeln!(
-                out,
+                table,
                 "| {label} | `{}` | {} | {} | {} | {} ({percent}{noisy}) |",
                 markdown_cell(&change.test),
                 change.figure,
@@ -182,6 +335,49 @@ pub fn markdown(comparison: &Comparison, header: &str) -> String {
                 amount(change, change.change.into()),
             );
         }
+        let summary = format!(
+            "{} regressed, {} improved, {} noisy",
+            comparison.regressions.len(),
+            comparison.improvements.len(),
+            comparison.noisy.len()
+        );
+        section(out, &summary, &table, rows.len());
+    }
+    let grown: Vec<_> = comparison
+        .sites
+        .iter()
+        .filter(|(_, rows)| !rows.is_empty())
+        .collect();
+    if !grown.is_empty() {
+        let mut body = String::new();
+        for (test, rows) in &grown {
+            let _ = write!(
+                body,
+                "`{}`\n\n| Line at the peak | Baseline | Now | Change |\n|---|---|---|---|\n",
+                markdown_cell(test)
+            );
+            for row in rows.iter() {
+                let show = |v: Option<u64>| v.map_or("–".to_owned(), format_size);
+                let change = match (row.current, row.baseline) {
+                    (Some(now), Some(before)) => {
+                        format_signed_size(i128::from(now) - i128::from(before))
+                    }
+                    (Some(_), None) => "new".to_owned(),
+                    (None, Some(_)) => "gone".to_owned(),
+                    (None, None) => String::new(),
+                };
+                let _ = writeln!(
+                    body,
+                    "| `{}` | {} | {} | {change} |",
+                    markdown_cell(&format!("{}:{} {}", row.file, row.line, row.function)),
+                    show(row.baseline),
+                    show(row.current),
+                );
+            }
+            body.push('\n');
+        }
+        let lines: usize = grown.iter().map(|(_, rows)| rows.len() + 1).sum();
+        section(out, "Lines that grew", &body, lines);
     }
     for (title, tests) in [
         ("New tests", &comparison.new_tests),
@@ -199,7 +395,6 @@ pub fn markdown(comparison: &Comparison, header: &str) -> String {
             out.push_str("\n</details>\n");
         }
     }
-    out
 }
 
 /// The per-test table of a results file, highest peak first.
@@ -298,23 +493,48 @@ fn push_number(out: &mut String, mut value: u64) {
 /// JUnit XML: one testcase per compared test; regressions fail, new and missing are skipped;
 /// the figures ride along as properties. Streamed to `out` a testcase at a time. (Written here
 /// rather than with a crate: the crates at hand cannot put properties on a testcase.)
-pub fn junit(comparison: &Comparison, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    let count = |status: Status| {
-        comparison
-            .verdicts
-            .iter()
-            .filter(|v| v.status == status)
-            .count()
+pub fn junit(comparisons: &[&Comparison], out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let count = |comparison: &Comparison| {
+        let count = |status: Status| {
+            comparison
+                .verdicts
+                .iter()
+                .filter(|v| v.status == status)
+                .count()
+        };
+        (
+            comparison.verdicts.len(),
+            count(Status::Regressed),
+            count(Status::New) + count(Status::Missing) + count(Status::Unmeasured),
+        )
     };
-    let failures = count(Status::Regressed);
-    let skipped = count(Status::New) + count(Status::Missing) + count(Status::Unmeasured);
+    let counts: Vec<_> = comparisons.iter().map(|c| count(c)).collect();
+    let total = |pick: fn(&(usize, usize, usize)) -> usize| counts.iter().map(pick).sum::<usize>();
     writeln!(
         out,
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-         <testsuites name=\"memgauge\" tests=\"{0}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\">\n  \
-         <testsuite name=\"memgauge\" tests=\"{0}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\" time=\"0\">",
-        comparison.verdicts.len()
+         <testsuites name=\"memgauge\" tests=\"{}\" failures=\"{}\" errors=\"0\" skipped=\"{}\">",
+        total(|c| c.0),
+        total(|c| c.1),
+        total(|c| c.2),
     )?;
+    for (comparison, (tests, failures, skipped)) in comparisons.iter().zip(&counts) {
+        let name = if comparisons.len() > 1 {
+            xml_escape(&format!("memgauge {}", comparison.environment))
+        } else {
+            "memgauge".to_owned()
+        };
+        writeln!(
+            out,
+            "  <testsuite name=\"{name}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"0\" skipped=\"{skipped}\" time=\"0\">",
+        )?;
+        testcases(comparison, out)?;
+        out.write_all(b"  </testsuite>\n")?;
+    }
+    out.write_all(b"</testsuites>\n")
+}
+
+fn testcases(comparison: &Comparison, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     // Testcases gather in `case` and go out in chunks past BufWriter's own buffer, so they are
     // copied once.
     let mut case = String::with_capacity(1 << 17);
@@ -386,7 +606,6 @@ pub fn junit(comparison: &Comparison, out: &mut dyn std::io::Write) -> std::io::
         }
         case.push_str("    </testcase>\n");
     }
-    case.push_str("  </testsuite>\n</testsuites>\n");
     out.write_all(case.as_bytes())
 }
 
@@ -400,9 +619,26 @@ fn escape_property(text: &str) -> String {
     escape_data(text).replace(':', "%3A").replace(',', "%2C")
 }
 
-/// One `::error` workflow command per regression, at the test's file and line.
-pub fn github_annotations(comparison: &Comparison) -> String {
+/// One `::error` workflow command per regression, at the test's file and line, and a
+/// `::warning` for each environment without figures.
+pub fn github_annotations(gate: &Gate) -> String {
     let mut out = String::new();
+    let several = gate.environments.len() > 1;
+    for gated in gate.unbaselined() {
+        let _ = writeln!(
+            out,
+            "::warning title={}::{}",
+            escape_property("memgauge: no baseline"),
+            escape_data(&gate.no_baseline(gated))
+        );
+    }
+    for comparison in gate.comparisons() {
+        annotate(comparison, several, &mut out);
+    }
+    out
+}
+
+fn annotate(comparison: &Comparison, several: bool, out: &mut String) {
     for change in &comparison.regressions {
         let mut properties = vec![format!(
             "title={}",
@@ -414,7 +650,12 @@ pub fn github_annotations(comparison: &Comparison) -> String {
                 properties.insert(1, format!("line={line}"));
             }
         }
-        let message = format!("{}: {}", change.test, describe(change));
+        let environment = if several {
+            format!(" ({})", comparison.environment)
+        } else {
+            String::new()
+        };
+        let message = format!("{}{environment}: {}", change.test, describe(change));
         let _ = writeln!(
             out,
             "::error {}::{}",
@@ -422,7 +663,6 @@ pub fn github_annotations(comparison: &Comparison) -> String {
             escape_data(&message)
         );
     }
-    out
 }
 
 #[cfg(test)]

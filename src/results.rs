@@ -10,6 +10,8 @@ use crate::compare::Figure;
 use crate::error::{read_text, write_atomically, Error, Result};
 
 pub const SCHEMA: u64 = 1;
+/// The environment of results that name none.
+pub const UNKNOWN_ENVIRONMENT: &str = "unknown";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Site {
@@ -74,6 +76,34 @@ pub struct GateRecord {
     pub allocations: Option<u64>,
 }
 
+/// What a regression's report reads of a test, in a second pass over its results: the lines
+/// that held the most at its peak.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct SitesRecord {
+    #[allow(dead_code)]
+    outcome: serde::de::IgnoredAny,
+    #[serde(default)]
+    pub top_sites: Vec<Site>,
+}
+
+impl Record for SitesRecord {
+    fn crashed() -> Self {
+        SitesRecord::default()
+    }
+
+    fn figure(&self, _figure: Figure) -> Option<u64> {
+        None
+    }
+
+    fn file(&self) -> Option<&str> {
+        None
+    }
+
+    fn line(&self) -> Option<u32> {
+        None
+    }
+}
+
 /// A record type a results file can be read into: [`TestRecord`], or [`GateRecord`].
 pub trait Record: serde::de::DeserializeOwned + Default {
     /// The record of a test that was running when its process died.
@@ -132,6 +162,9 @@ pub struct Results<R = TestRecord> {
     pub tool: Map<String, Value>,
     #[serde(default)]
     pub environment: Map<String, Value>,
+    /// `K/N` when the run was shard K of N (`--memprof-shard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
     /// What the figures include: how the collector, the seeds and first uses were handled.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub determinism: Map<String, Value>,
@@ -204,6 +237,10 @@ impl<R: Record> Results<R> {
                     if let Some(Value::Object(env)) = event.get("environment") {
                         results.environment = env.clone();
                     }
+                    results.shard = event
+                        .get("shard")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
                 }
                 (Some("start"), Some(id)) => running = Some(id),
                 (Some(kind @ ("test" | "benchmark")), Some(id)) => {
@@ -253,6 +290,44 @@ impl<R: Record> Results<R> {
             "; run `pytest --memprof` first, or name the results file".to_owned()
         };
         Self::parse(path, &read_text(path, &hint)?)
+    }
+
+    /// The environment the figures were measured in (`environment.key`, which the plugin
+    /// writes): the baseline keeps each environment's figures apart. Results without one (a
+    /// file made by hand, or by memgauge before 0.3) are of environment `unknown`.
+    pub fn environment_key(&self, path: &Path) -> Result<&str> {
+        match self.environment.get("key") {
+            None => Ok(UNKNOWN_ENVIRONMENT),
+            Some(Value::String(key))
+                if !key.is_empty() && !key.chars().any(|c| c.is_control() || c == '"') =>
+            {
+                Ok(key)
+            }
+            Some(other) => Err(Error::invalid(
+                path,
+                format!(
+                    "key \"environment\".\"key\": {other} is not an environment key: \
+                     a non-empty string without control characters or quotes"
+                ),
+            )),
+        }
+    }
+
+    /// The shard this run was, as (K, N); `None` when it was not one.
+    pub fn shard(&self, path: &Path) -> Result<Option<(u32, u32)>> {
+        let Some(text) = &self.shard else {
+            return Ok(None);
+        };
+        let parsed = text
+            .split_once('/')
+            .and_then(|(k, n)| Some((k.parse::<u32>().ok()?, n.parse::<u32>().ok()?)))
+            .filter(|&(k, n)| 1 <= k && k <= n);
+        parsed.map(Some).ok_or_else(|| {
+            Error::invalid(
+                path,
+                format!("key \"shard\": {text:?} is not K/N with 1 <= K <= N"),
+            )
+        })
     }
 
     /// Tests and benchmarks, under one namespace: benchmarks are gated like tests.

@@ -128,6 +128,10 @@ fn new_missing_and_improved_are_reported_in_json() {
     let out = compare(dir.path(), &["--format", "json"]);
     assert_eq!(out.status.code(), Some(0));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["regressions"], 0);
+    let report = &report["environments"][0];
+    assert_eq!(report["environment"], "unknown");
+    assert_eq!(report["baseline"], true);
     assert_eq!(report["new_tests"], serde_json::json!(["t.py::brand_new"]));
     assert_eq!(report["missing_tests"], serde_json::json!(["t.py::small"]));
     assert_eq!(report["improvements"][0]["test"], "t.py::a");
@@ -252,7 +256,11 @@ fn merge_refuses_duplicates_unless_told() {
         &[],
     );
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("now.json: test \"t.py::a\" is also in an earlier input"));
+    assert!(
+        stderr(&out).contains("now.json: test \"t.py::a\" is also in base.json"),
+        "{}",
+        stderr(&out)
+    );
     let out = memgauge(
         dir.path(),
         &[
@@ -363,6 +371,7 @@ fn a_crashed_run_is_gated_on_what_it_finished() {
     );
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = &report["environments"][0];
     assert_eq!(report["regressions"][0]["test"], "t.py::a");
     assert_eq!(
         report["unmeasured_tests"],
@@ -421,28 +430,296 @@ fn a_baseline_learned_from_reruns_allows_their_spread_visibly() {
     assert!(stdout(&out).contains("0 regressions"), "{}", stdout(&out));
     let json = compare(dir.path(), &["--format", "json"]);
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(json["noisy"][0]["spread"], 1_500_000);
+    assert_eq!(json["environments"][0]["noisy"][0]["spread"], 1_500_000);
 
     // Beyond the spread: a regression.
     std::fs::write(dir.path().join("now.json"), results(12_000_000)).unwrap();
     assert_eq!(compare(dir.path(), &[]).status.code(), Some(1));
 }
 
-#[test]
-fn reruns_from_two_environments_are_refused() {
-    let dir = tempfile_dir::Dir::new();
-    std::fs::write(dir.path().join("a.json"), results(10)).unwrap();
-    let other = results(10).replace(
+/// `results(peak_a)` measured in `environment`, optionally as a shard.
+fn of_environment(environment: &str, peak_a: u64, shard: Option<&str>) -> String {
+    let shard = shard.map_or(String::new(), |s| format!(r#""shard": "{s}", "#));
+    results(peak_a).replace(
         r#""environment": {}"#,
-        r#""environment": {"python": "3.12.1"}"#,
+        &format!(r#"{shard}"environment": {{"key": "{environment}", "python": "x"}}"#),
+    )
+}
+
+#[test]
+fn a_matrix_keeps_one_baseline_with_each_environment_gated_against_its_own() {
+    let dir = tempfile_dir::Dir::new();
+    let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+    write(
+        "cp311.json",
+        of_environment("cp311-linux-x86_64", 10_000_000, None),
     );
-    std::fs::write(dir.path().join("b.json"), other).unwrap();
-    let out = memgauge(dir.path(), &["baseline", "update", "a.json", "b.json"], &[]);
+    write(
+        "cp312.json",
+        of_environment("cp312-linux-x86_64", 20_000_000, None),
+    );
+    let update = |files: &[&str]| {
+        let args = [&["baseline", "update"], files, &["--baseline", "b.toml"]].concat();
+        memgauge(dir.path(), &args, &[])
+    };
+    let out = update(&["cp311.json", "cp312.json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
+    assert!(text.contains("[tests.\"t.py::a\".\"cp311-linux-x86_64\"]\npeak_bytes = 10000000\n"));
+    assert!(text.contains("[tests.\"t.py::a\".\"cp312-linux-x86_64\"]\npeak_bytes = 20000000\n"));
+
+    // 3.12 at 3.11's figures is no regression of 3.11's, and an improvement of its own.
+    write(
+        "now312.json",
+        of_environment("cp312-linux-x86_64", 12_000_000, None),
+    );
+    write(
+        "now311.json",
+        of_environment("cp311-linux-x86_64", 12_000_000, None),
+    );
+    let args = [
+        "compare",
+        "now312.json",
+        "--baseline",
+        "b.toml",
+        "--format",
+        "json",
+    ];
+    let out = memgauge(dir.path(), &args, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["environments"][0]["improvements"][0]["test"],
+        "t.py::a"
+    );
+    // Both at once: one report, each against its own; 3.11 regressed.
+    let args = [
+        "compare",
+        "now311.json",
+        "now312.json",
+        "--baseline",
+        "b.toml",
+        "--junit",
+        "j.xml",
+    ];
+    let out = memgauge(dir.path(), &args, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("memgauge: 3 tests of cp311-linux-x86_64 in now311.json against b.toml"),
+        "{text}"
+    );
+    assert!(
+        text.contains("memgauge: 3 tests of cp312-linux-x86_64 in now312.json"),
+        "{text}"
+    );
+    assert_eq!(text.matches("REGRESSION").count(), 1, "{text}");
+    let junit = std::fs::read_to_string(dir.path().join("j.xml")).unwrap();
+    assert!(
+        junit
+            .contains("<testsuite name=\"memgauge cp311-linux-x86_64\" tests=\"3\" failures=\"1\""),
+        "{junit}"
+    );
+    assert!(
+        junit
+            .contains("<testsuite name=\"memgauge cp312-linux-x86_64\" tests=\"3\" failures=\"0\""),
+        "{junit}"
+    );
+
+    // Updating 3.12 leaves 3.11's tables byte-identical.
+    let before = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
+    let out = update(&["now312.json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let after = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
+    let tables = |text: &str, environment: &str| -> Vec<String> {
+        text.split("\n\n")
+            .filter(|table| table.contains(&format!(".\"{environment}\"]")))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        tables(&before, "cp311-linux-x86_64"),
+        tables(&after, "cp311-linux-x86_64")
+    );
+    assert_ne!(
+        tables(&before, "cp312-linux-x86_64"),
+        tables(&after, "cp312-linux-x86_64")
+    );
+    // --prune drops the environments no results are of.
+    let out = memgauge(
+        dir.path(),
+        &[
+            "baseline",
+            "update",
+            "now312.json",
+            "--baseline",
+            "b.toml",
+            "--prune",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let pruned = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
+    assert!(
+        !pruned.contains("cp311") && pruned.contains("cp312"),
+        "{pruned}"
+    );
+}
+
+#[test]
+fn an_environment_without_figures_gates_nothing_unless_a_baseline_is_required() {
+    let dir = setup(1);
+    let summary = dir.path().join("summary.md");
+    std::fs::write(
+        dir.path().join("b.toml"),
+        "schema = 2\n[tests.\"t.py::a\".\"cp311\"]\npeak_bytes = 1\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("now.json"),
+        of_environment("cp314t-darwin-arm64", 99_000_000, None),
+    )
+    .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_memgauge"));
+    command
+        .current_dir(dir.path())
+        .args(["compare", "now.json", "--baseline", "b.toml"])
+        .env("GITHUB_ACTIONS", "true")
+        .env("GITHUB_STEP_SUMMARY", &summary);
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let warning = text
+        .lines()
+        .find(|l| l.starts_with("::warning"))
+        .expect("a warning");
+    assert!(
+        warning.contains("environment cp314t-darwin-arm64: nothing was gated"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("memgauge baseline update --baseline b.toml now.json"),
+        "{warning}"
+    );
+    assert!(text.contains("NO BASELINE"), "{text}");
+    assert!(std::fs::read_to_string(&summary)
+        .unwrap()
+        .contains(":warning: the baseline has no figures for environment cp314t-darwin-arm64"));
+    let out = compare(dir.path(), &["--require-baseline"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("b.json: measured on ? 3.12.1 ? ?"),
+        stderr(&out).contains(
+            "b.toml: no figures for environment cp314t-darwin-arm64 (--require-baseline)"
+        ),
         "{}",
         stderr(&out)
     );
-    assert!(!dir.path().join("memgauge-baseline.toml").exists());
+}
+
+#[test]
+fn shards_are_joined_and_a_missing_one_is_an_error() {
+    let dir = tempfile_dir::Dir::new();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    let whole = of_environment("e", 10_000_000, None);
+    write("whole.json", &whole);
+    let out = memgauge(
+        dir.path(),
+        &["baseline", "update", "whole.json", "--baseline", "b.toml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Shard 1 has t.py::a and the tricky test, shard 2 t.py::small.
+    let shard = |shard: &str, tests: &str| {
+        format!(
+            r#"{{"schema": 1, "shard": "{shard}", "environment": {{"key": "e"}}, "tests": {{{tests}}}}}"#
+        )
+    };
+    let one = shard(
+        "1/2",
+        &format!(
+            r#""t.py::a": {{"outcome": "passed", "file": "t.py", "line": 3, "peak_bytes": 12000000, "leaked_bytes": 0, "allocations": 10}},
+            "{TRICKY}": {{"outcome": "passed", "file": "t.py", "line": 20, "peak_bytes": 500, "leaked_bytes": 0}}"#
+        ),
+    );
+    let two = shard(
+        "2/2",
+        r#""t.py::small": {"outcome": "passed", "file": "t.py", "line": 9, "peak_bytes": 2000, "leaked_bytes": 0}"#,
+    );
+    write("s1.json", &one);
+    write("s2.json", &two);
+    let out = memgauge(
+        dir.path(),
+        &[
+            "compare",
+            "s1.json",
+            "s2.json",
+            "--baseline",
+            "b.toml",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = &report["environments"][0];
+    assert_eq!(report["files"], serde_json::json!(["s1.json", "s2.json"]));
+    assert_eq!(report["missing_tests"], serde_json::json!([]));
+    assert_eq!(report["regressions"][0]["test"], "t.py::a");
+    // Merged, the same verdicts.
+    let out = memgauge(
+        dir.path(),
+        &["merge", "s1.json", "s2.json", "-o", "m.json"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let merged = memgauge(
+        dir.path(),
+        &[
+            "compare",
+            "m.json",
+            "--baseline",
+            "b.toml",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    let merged: serde_json::Value = serde_json::from_slice(&merged.stdout).unwrap();
+    assert_eq!(
+        merged["environments"][0]["regressions"],
+        report["regressions"]
+    );
+    // One shard alone: exit 2, naming the missing one.
+    let out = memgauge(
+        dir.path(),
+        &["compare", "s1.json", "--baseline", "b.toml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("environment e: shard 2/2 missing"),
+        "{}",
+        stderr(&out)
+    );
+    // Two environments are not one merge.
+    write("other.json", &of_environment("f", 1, None));
+    let out = memgauge(
+        dir.path(),
+        &["merge", "whole.json", "other.json", "-o", "m2.json"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("the inputs are of 2 environments (e, f)"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.path().join("m2.json").exists());
 }

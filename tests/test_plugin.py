@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import platform
+import sys
+import sysconfig
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -472,3 +475,50 @@ def test_a_limited_test_that_cannot_be_measured_fails(pytester: pytest.Pytester)
     result.stdout.fnmatch_lines(
         ["*MEMORY: test_full.py::test_limited has a memory limit, and it could not be measured*"]
     )
+
+
+def test_results_name_their_environment_as_configured(pytester: pytest.Pytester):
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    pytester.runpytest("--memprof").assert_outcomes(passed=1)
+    key = results(pytester)["environment"]["key"]
+    major, minor = sys.version_info[:2]
+    threaded = "t" if sysconfig.get_config_var("Py_GIL_DISABLED") else ""
+    machine = platform.machine().lower()
+    assert key == f"cp{major}{minor}{threaded}-{sys.platform}-{machine}"
+
+    # A template from pyproject: a dependency's version added, the platform dropped.
+    pytester.makepyprojecttoml(
+        '[tool.memgauge]\nenvironment = "{python}-pytest{version:pytest}-{version:no-such-pkg}"\n'
+    )
+    pytester.runpytest("--memprof").assert_outcomes(passed=1)
+    key = results(pytester)["environment"]["key"]
+    assert key == f"cp{major}{minor}{threaded}-pytest{pytest.__version__}-none"
+
+    result = pytester.runpytest("--memprof", "--memprof-environment", "{python}-{os}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*environment: unknown field {os} in '{python}-{os}'; use*"])
+    result = pytester.runpytest("--memprof", "--memprof-environment", "my env")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*a key needs at least one character and no spaces*"])
+
+
+def test_shards_split_a_suite_and_every_test_runs_in_exactly_one(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        test_many="import pytest\n\n@pytest.mark.parametrize('n', range(40))\n"
+        "def test_n(n):\n    pass\n"
+    )
+    seen = []
+    for index in (1, 2, 3):
+        output = f"shard{index}.json"
+        result = pytester.runpytest(
+            "--memprof", f"--memprof-shard={index}/3", f"--memprof-output={output}"
+        )
+        assert result.ret == pytest.ExitCode.OK
+        document = results(pytester, output)
+        assert document["shard"] == f"{index}/3"
+        assert document["tests"], "each of three shards of 40 tests has some"
+        seen.extend(document["tests"])
+    assert sorted(seen) == sorted(f"test_many.py::test_n[{n}]" for n in range(40))
+    result = pytester.runpytest("--memprof-shard=0/3")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*shard: '0/3' is not a shard: write K/N*"])

@@ -3,7 +3,12 @@ pytest ini file: one definition each, so all three mean the same thing (command 
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
+import re
 import sys
+import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,22 @@ OPTIONS = (
         "0",
     ),
     Option(
+        "environment",
+        "--memprof-environment",
+        "the environment the figures are measured in, under which the baseline keeps them: a "
+        "template of {python} (cp311, cp313t), {platform} (linux, darwin, win32), {machine} "
+        "(x86_64, arm64), {version:PKG} (an installed package's version) and text; "
+        "default {python}-{platform}-{machine}",
+        "{python}-{platform}-{machine}",
+    ),
+    Option(
+        "shard",
+        "--memprof-shard",
+        "run only shard K of N, e.g. 2/4: each test runs in exactly one shard, chosen by a hash "
+        "of its id; `memgauge compare` (or `memgauge merge`) joins the shards' results",
+        None,
+    ),
+    Option(
         "default-limit",
         "--memprof-default-limit",
         "a peak limit for every test without a memlimit marker, e.g. '200 MiB'",
@@ -115,3 +136,54 @@ def coerce(option: Option, value: Any, origin: str) -> Any:
         allowed = ", ".join(option.choices)
         raise ValueError(f"{origin}: {option.name} must be one of {allowed}, not {value!r}")
     return text
+
+
+def environment_key(template: str, origin: str = "environment") -> str:
+    """The environment key a template names, e.g. ``cp311-linux-x86_64``."""
+    fields = {
+        "python": python_tag(),
+        "platform": sys.platform,
+        "machine": platform.machine().lower() or "unknown",
+    }
+
+    def field(match: re.Match) -> str:
+        name = match.group(1)
+        if name in fields:
+            return fields[name]
+        if name.startswith("version:") and name[8:].strip():
+            try:
+                return importlib.metadata.version(name[8:].strip())
+            except importlib.metadata.PackageNotFoundError:
+                return "none"
+        known = ", ".join("{" + key + "}" for key in [*fields, "version:PKG"])
+        raise ValueError(f"{origin}: unknown field {{{name}}} in {template!r}; use {known}")
+
+    key = re.sub(r"\{([^{}]*)\}", field, template)
+    if not key or any(c.isspace() or not c.isprintable() or c in '"\\{}' for c in key):
+        raise ValueError(
+            f"{origin}: {template!r} gives the key {key!r}; a key needs at least one character "
+            "and no spaces, quotes, backslashes or braces"
+        )
+    return key
+
+
+def python_tag() -> str:
+    """``cp311``, ``cp313t`` (free-threaded), ``pp310``: the implementation and version."""
+    name = sys.implementation.name
+    short = {"cpython": "cp", "pypy": "pp"}.get(name, name)
+    threaded = "t" if sysconfig.get_config_var("Py_GIL_DISABLED") else ""
+    return f"{short}{sys.version_info[0]}{sys.version_info[1]}{threaded}"
+
+
+def parse_shard(text: str, origin: str = "shard") -> tuple[int, int]:
+    """``"2/4"`` as (2, 4)."""
+    index, _, count = str(text).strip().partition("/")
+    if index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count):
+        return int(index), int(count)
+    raise ValueError(f"{origin}: {text!r} is not a shard: write K/N with 1 <= K <= N, e.g. 2/4")
+
+
+def in_shard(nodeid: str, shard: tuple[int, int]) -> bool:
+    """Whether a test belongs to the shard: by a hash of its id that every run computes alike."""
+    index, count = shard
+    return zlib.crc32(nodeid.encode("utf-8", "surrogatepass")) % count == index - 1

@@ -95,6 +95,8 @@ class Settings:
     scope: str
     default_limit: dict[str, int] | None
     seed: int | None
+    environment: str
+    shard: tuple[int, int] | None
 
     @classmethod
     def load(cls, config: pytest.Config) -> Settings:
@@ -123,6 +125,8 @@ class Settings:
             seed_value = int(seed)
         else:
             raise ValueError(f"seed must be a whole number ≥ 0 or 'off', not {seed!r}")
+        environment = cfg.environment_key(str(values["environment"]))
+        shard = cfg.parse_shard(values["shard"]) if values["shard"] else None
         output = Path(values["output"])
         if not output.is_absolute():
             output = output_base / output
@@ -133,6 +137,8 @@ class Settings:
             scope=str(values["scope"]),
             default_limit=default_limit,
             seed=seed_value,
+            environment=environment,
+            shard=shard,
         )
 
 
@@ -223,6 +229,15 @@ class MemgaugePlugin:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        if self.settings.shard:
+            # The same split on every run and worker: by a hash of the id, not by position.
+            shard = self.settings.shard
+            kept, dropped = [], []
+            for item in items:
+                (kept if cfg.in_shard(item.nodeid, shard) else dropped).append(item)
+            if dropped:
+                self.config.hook.pytest_deselected(items=dropped)
+                items[:] = kept
         errors = []
         for item in items:
             marker = item.get_closest_marker("memlimit")
@@ -390,7 +405,10 @@ class MemgaugePlugin:
         self.settings.output.parent.mkdir(parents=True, exist_ok=True)
         # Results stream here as tests finish, so a run that dies still leaves them.
         self.stream = open(self.partial_path(), "w", encoding="utf-8")
-        self.write_stream({"event": "session", "environment": environment()})
+        session = {"event": "session", "environment": environment(self.settings.environment)}
+        if self.settings.shard:
+            session["shard"] = "{}/{}".format(*self.settings.shard)
+        self.write_stream(session)
 
     def partial_path(self) -> Path:
         return self.settings.output.with_name(self.settings.output.name + ".partial")
@@ -452,10 +470,12 @@ class MemgaugePlugin:
         document = {
             "schema": RESULTS_SCHEMA,
             "tool": {"name": "memgauge", "version": memgauge.__version__},
-            "environment": environment(),
+            "environment": environment(self.settings.environment),
             "determinism": self.determinism.describe(),
             "tests": self.results,
         }
+        if self.settings.shard:
+            document["shard"] = "{}/{}".format(*self.settings.shard)
         if self.benchmarks:
             document["benchmarks"] = self.benchmarks
         output = self.settings.output
@@ -491,8 +511,9 @@ class MemgaugePlugin:
         write(f"results: {self.settings.output}")
 
 
-def environment() -> dict[str, Any]:
+def environment(key: str) -> dict[str, Any]:
     env: dict[str, Any] = {
+        "key": key,
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": sys.platform,
