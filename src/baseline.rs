@@ -22,8 +22,40 @@ pub const SCHEMA: i64 = 2;
 const SCHEMA_ONE_ENVIRONMENT: i64 = 1;
 /// Where a schema-1 baseline's figures are kept until an update names their environment.
 const ANY_ENVIRONMENT: &str = "";
-/// How many of a test's top sites the baseline keeps, for the report of a regression.
+/// How many of a test's top sites the baseline keeps, for the report of a regression: those
+/// that held at least 1/[`SITE_SHARE`] of its peak.
 pub const SITES_KEPT: usize = 3;
+pub const SITE_SHARE: u64 = 20;
+
+/// A test's sites worth keeping and showing: its largest, each holding at least 5% of the peak,
+/// with files in an installed package named from the package (`numpy/core/x.py`, not the
+/// machine's path to it), so that a baseline reads the same from any machine.
+pub fn significant_sites(sites: &[Site], peak: Option<u64>) -> Vec<Site> {
+    let peak = peak.unwrap_or(0);
+    sites
+        .iter()
+        .filter(|site| site.bytes.saturating_mul(SITE_SHARE) >= peak)
+        .take(SITES_KEPT)
+        .map(|site| Site {
+            file: portable_file(&site.file).to_owned(),
+            ..site.clone()
+        })
+        .collect()
+}
+
+/// `.../site-packages/numpy/x.py` as `numpy/x.py`; any other path as it is.
+fn portable_file(file: &str) -> &str {
+    [
+        "site-packages/",
+        "dist-packages/",
+        "site-packages\\",
+        "dist-packages\\",
+    ]
+    .iter()
+    .filter_map(|marker| file.rfind(marker).map(|at| &file[at + marker.len()..]))
+    .min_by_key(|rest| rest.len())
+    .unwrap_or(file)
+}
 
 /// The figures a baseline records, in file order: (key, short name for --gate).
 pub const FIGURES: [(&str, &str); 4] = [
@@ -797,7 +829,7 @@ impl Baseline {
                     .iter()
                     .find(|(figures, _)| figures[0] == entry.figures[0])
                     .map_or(&[][..], |(_, sites)| *sites);
-                entry.sites = median.iter().take(SITES_KEPT).cloned().collect();
+                entry.sites = significant_sites(median, entry.figures[0]);
             }
         }
         next
@@ -924,6 +956,27 @@ mod tests {
         assert!(
             text.contains("sites = [\"a b:c.py:3 f 18\", \"a.py:4 <lambda> 1\", \"a.py:5 g 1\"]\n")
         );
+    }
+
+    #[test]
+    fn sites_are_the_significant_ones_named_portably() {
+        let site = |file: &str, bytes: u64| Site {
+            file: file.to_owned(),
+            line: 1,
+            function: "f".to_owned(),
+            bytes,
+        };
+        let sites = [
+            site(
+                "/home/ci/.venv/lib/python3.12/site-packages/numpy/_core/x.py",
+                900,
+            ),
+            site("C:\\py\\Lib\\site-packages\\pkg\\y.py", 100),
+            site("tests/t.py", 49),
+        ];
+        let kept = significant_sites(&sites, Some(1000));
+        let files: Vec<&str> = kept.iter().map(|s| s.file.as_str()).collect();
+        assert_eq!(files, ["numpy/_core/x.py", "pkg\\y.py"]);
     }
 
     #[test]

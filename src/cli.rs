@@ -504,7 +504,7 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
             let regressed: Vec<String> = comparison.regressed_tests().map(str::to_owned).collect();
             for test in regressed {
                 if let Some(record) = sites.tests.get(&test).or(sites.benchmarks.get(&test)) {
-                    comparison.add_current_sites(&test, &record.top_sites);
+                    comparison.add_current_sites(&test, &record.top_sites, record.peak_bytes);
                 }
             }
         }

@@ -164,11 +164,11 @@ impl<'a> Comparison<'a> {
 
     /// Sets a regressed test's sites now beside the baseline's (already in `sites`): the rows
     /// by file and function, largest now first, then the baseline's that are gone.
-    pub fn add_current_sites(&mut self, test: &str, current: &[Site]) {
+    pub fn add_current_sites(&mut self, test: &str, current: &[Site], peak: Option<u64>) {
         let Some(rows) = self.sites.get_mut(test) else {
             return;
         };
-        for site in current.iter().take(crate::baseline::SITES_KEPT) {
+        for site in &crate::baseline::significant_sites(current, peak) {
             match rows
                 .iter_mut()
                 .find(|row| row.file == site.file && row.function == site.function)
@@ -481,10 +481,17 @@ mod tests {
                 file: "t.py".into(),
                 line: 7,
                 function: "fresh".into(),
-                bytes: 60_000,
+                bytes: 200_000,
+            },
+            // Under 5% of the peak: not shown.
+            Site {
+                file: "t.py".into(),
+                line: 8,
+                function: "tiny".into(),
+                bytes: 100_000,
             },
         ];
-        cp311.add_current_sites("t.py::a", &now);
+        cp311.add_current_sites("t.py::a", &now, Some(2_500_000));
         let rows = &cp311.sites["t.py::a"];
         assert_eq!(rows.len(), 3);
         assert_eq!((rows[0].function.as_str(), rows[0].line), ("build", 5));

@@ -232,6 +232,13 @@ fn text(comparison: &Comparison, out: &mut String) {
     let _ = writeln!(out, "{}", summary_line(comparison));
 }
 
+/// `+2.0 MiB`, `-512 B`: a change in bytes, with its sign.
+fn change_text(now: u64, before: u64) -> String {
+    let change = i128::from(now) - i128::from(before);
+    let sign = if change > 0 { "+" } else { "" };
+    format!("{sign}{}", format_signed_size(change))
+}
+
 /// `t.py:12 in build: 3.0 MiB (baseline 1.0 MiB, +2.0 MiB)`: a site at the peak.
 fn site_text(row: &SiteRow) -> String {
     let place = printable(&format!("{}:{} in {}", row.file, row.line, row.function)).into_owned();
@@ -240,7 +247,7 @@ fn site_text(row: &SiteRow) -> String {
             "{place}: {} (baseline {}, {})",
             format_size(now),
             format_size(before),
-            format_signed_size(i128::from(now) - i128::from(before))
+            change_text(now, before)
         ),
         (Some(now), None) => format!(
             "{place}: {} (not among the baseline's top lines)",
@@ -271,7 +278,7 @@ fn section(out: &mut String, summary: &str, body: &str, rows: usize) {
             "\n<details><summary>{summary}</summary>\n\n{body}\n</details>\n"
         );
     } else {
-        let _ = write!(out, "\n{summary}\n\n{body}");
+        let _ = write!(out, "\n**{summary}**\n\n{body}");
     }
 }
 
@@ -325,9 +332,10 @@ fn markdown_comparison(comparison: &Comparison, out: &mut String) {
             } else {
                 String::new()
             };
+            let sign = if change.change > 0 { "+" } else { "" };
             let _ = writeln!(
                 table,
-                "| {label} | `{}` | {} | {} | {} | {} ({percent}{noisy}) |",
+                "| {label} | `{}` | {} | {} | {} | {sign}{} ({percent}{noisy}) |",
                 markdown_cell(&change.test),
                 change.figure,
                 amount(change, change.baseline.into()),
@@ -359,9 +367,7 @@ fn markdown_comparison(comparison: &Comparison, out: &mut String) {
             for row in rows.iter() {
                 let show = |v: Option<u64>| v.map_or("–".to_owned(), format_size);
                 let change = match (row.current, row.baseline) {
-                    (Some(now), Some(before)) => {
-                        format_signed_size(i128::from(now) - i128::from(before))
-                    }
+                    (Some(now), Some(before)) => change_text(now, before),
                     (Some(_), None) => "new".to_owned(),
                     (None, Some(_)) => "gone".to_owned(),
                     (None, None) => String::new(),

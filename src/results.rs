@@ -83,6 +83,8 @@ pub struct SitesRecord {
     #[allow(dead_code)]
     outcome: serde::de::IgnoredAny,
     #[serde(default)]
+    pub peak_bytes: Option<u64>,
+    #[serde(default)]
     pub top_sites: Vec<Site>,
 }
 
