@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::results::{Results, Site};
+use crate::results::{GateRecord, Results, Site};
 use crate::size;
 
 pub const SCHEMA: i64 = 2;
@@ -30,17 +30,21 @@ pub const SITE_SHARE: u64 = 20;
 /// A test's sites worth keeping and showing: its largest, each holding at least 5% of the peak,
 /// with files in an installed package named from the package (`numpy/core/x.py`, not the
 /// machine's path to it), so that a baseline reads the same from any machine.
-pub fn significant_sites(sites: &[Site], peak: Option<u64>) -> Vec<Site> {
+pub fn significant_sites(sites: Vec<Site>, peak: Option<u64>) -> Vec<Site> {
     let peak = peak.unwrap_or(0);
-    sites
-        .iter()
+    let mut kept: Vec<Site> = sites
+        .into_iter()
         .filter(|site| site.bytes.saturating_mul(SITE_SHARE) >= peak)
         .take(SITES_KEPT)
-        .map(|site| Site {
-            file: portable_file(&site.file).to_owned(),
-            ..site.clone()
-        })
-        .collect()
+        .collect();
+    for site in &mut kept {
+        let portable = portable_file(&site.file);
+        if portable.len() != site.file.len() {
+            site.file = portable.to_owned();
+        }
+    }
+    kept.shrink_to_fit();
+    kept
 }
 
 /// `.../site-packages/numpy/x.py` as `numpy/x.py`; any other path as it is.
@@ -91,7 +95,100 @@ pub struct Entry {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Test {
     pub thresholds: Thresholds,
-    pub environments: BTreeMap<String, Entry>,
+    pub environments: Environments,
+}
+
+/// A test's figures by environment, sorted by key: a few each, in a vector (a map's smallest
+/// node holds eleven, which for 100,000 tests of one environment is 200 MB of nothing).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Environments(Vec<(String, Entry)>);
+
+impl Environments {
+    fn position(&self, key: &str) -> std::result::Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Entry> {
+        self.position(key).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_ok()
+    }
+
+    pub fn insert(&mut self, key: String, entry: Entry) {
+        match self.position(&key) {
+            Ok(i) => self.0[i].1 = entry,
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0.insert(i, (key, entry));
+            }
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<Entry> {
+        self.position(key).ok().map(|i| self.0.remove(i).1)
+    }
+
+    /// The entry of `key`, made empty if there is none.
+    pub fn entry_or_default(&mut self, key: &str) -> &mut Entry {
+        let i = match self.position(key) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.reserve_exact(1);
+                self.0.insert(i, (key.to_owned(), Entry::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.0.retain(|(key, _)| keep(key));
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(key, _)| key.as_str())
+    }
+
+    pub fn last_key(&self) -> Option<&str> {
+        self.0.last().map(|(key, _)| key.as_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Entry)> {
+        self.0.iter().map(|(key, entry)| (key.as_str(), entry))
+    }
+
+    /// Appends an environment known to sort after every one held.
+    fn push_last(&mut self, key: String, entry: Entry) {
+        debug_assert!(self.last_key().map_or(true, |last| last < key.as_str()));
+        // Grown one at a time: most tests have one environment, and a vector's first growth
+        // makes room for four.
+        self.0.reserve_exact(1);
+        self.0.push((key, entry));
+    }
+}
+
+impl FromIterator<(String, Entry)> for Environments {
+    fn from_iter<I: IntoIterator<Item = (String, Entry)>>(items: I) -> Self {
+        let mut environments = Environments::default();
+        for (key, entry) in items {
+            environments.insert(key, entry);
+        }
+        environments
+    }
+}
+
+impl std::ops::Index<&str> for Environments {
+    type Output = Entry;
+
+    fn index(&self, key: &str) -> &Entry {
+        self.get(key).expect("the environment is in the baseline")
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -204,17 +301,17 @@ fn read_canonical(path: &Path, text: &str, only: Option<&BTreeSet<&str>>) -> Opt
                     Some((last, test)) if *last == *id => {
                         if test
                             .environments
-                            .last_key_value()
-                            .is_some_and(|(last, _)| last.as_str() >= &*environment)
+                            .last_key()
+                            .is_some_and(|last| last >= &*environment)
                         {
                             return None;
                         }
-                        test.environments.insert(environment.into_owned(), entry);
+                        test.environments.push_last(environment.into_owned(), entry);
                     }
                     Some((last, _)) if last.as_str() > &*id => return None,
                     _ => {
                         let mut test = Test::default();
-                        test.environments.insert(environment.into_owned(), entry);
+                        test.environments.push_last(environment.into_owned(), entry);
                         tests.push((id.into_owned(), test));
                     }
                 }
@@ -287,16 +384,14 @@ fn read_canonical(path: &Path, text: &str, only: Option<&BTreeSet<&str>>) -> Opt
         }
         let value = if let Some(mut rest) = value.strip_prefix('[') {
             let mut items = Vec::new();
-            while rest.starts_with('"') {
+            while rest != "]" {
                 let (item, tail) = basic_string(rest)?;
                 items.push(item);
                 rest = match tail.strip_prefix(", ") {
-                    Some(more) if more.starts_with('"') => more,
-                    _ => tail,
+                    Some(more) => more,
+                    None if tail == "]" => tail,
+                    None => return None,
                 };
-            }
-            if rest != "]" {
-                return None;
             }
             Raw::Strings(items)
         } else if let Some(rest) = value.strip_prefix('"') {
@@ -432,6 +527,21 @@ fn thresholds(path: &Path, table: &Raw, at: impl Fn() -> String) -> Result<Thres
 /// crate's own rendering picks multi-line or literal forms, which are not keys).
 fn quoted(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
+    push_quoted(&mut out, text);
+    out
+}
+
+/// [`quoted`], onto the end of `out`.
+fn push_quoted(out: &mut String, text: &str) {
+    if !text
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+        return;
+    }
     out.push('"');
     for c in text.chars() {
         match c {
@@ -445,7 +555,6 @@ fn quoted(text: &str) -> String {
         }
     }
     out.push('"');
-    out
 }
 
 /// The schema version, checked, and the `[defaults]` thresholds.
@@ -564,10 +673,11 @@ fn figures<'k, 'a: 'k>(
             let Raw::Strings(items) = value else {
                 return Err(invalid());
             };
-            entry.sites = items
-                .iter()
-                .map(|item| parse_site(item).ok_or_else(invalid))
-                .collect::<Result<_>>()?;
+            let mut sites = Vec::with_capacity(items.len());
+            for item in items {
+                sites.push(parse_site(item).ok_or_else(invalid)?);
+            }
+            entry.sites = sites;
             continue;
         }
         let (name, spread) = match key.strip_suffix("_spread") {
@@ -622,6 +732,25 @@ fn parse_site(text: &str) -> Option<Site> {
     })
 }
 
+/// A site as the baseline writes it, quoted: `"FILE:LINE FUNCTION BYTES"`.
+fn push_site(out: &mut String, site: &Site) {
+    let plain = |s: &str| !s.chars().any(|c| c == '"' || c == '\\' || c.is_control());
+    let spaced = site.function.chars().any(char::is_whitespace);
+    if !plain(&site.file) || !plain(&site.function) || spaced {
+        push_quoted(out, &format_site(site));
+        return;
+    }
+    out.push('"');
+    out.push_str(&site.file);
+    out.push(':');
+    size::push_number(out, site.line.into());
+    out.push(' ');
+    out.push_str(&site.function);
+    out.push(' ');
+    size::push_number(out, site.bytes);
+    out.push('"');
+}
+
 fn format_site(site: &Site) -> String {
     // A function name with a space would not read back: such a name is not Python's.
     let function: String = site
@@ -638,6 +767,88 @@ impl Entry {
         let index = FIGURES.iter().position(|(name, _)| *name == key)?;
         self.figures[index]
     }
+}
+
+/// What one environment's runs say of a test: its figures, their spread when two or more runs
+/// have it, and its sites.
+struct Learned {
+    figures: [Option<u64>; FIGURES.len()],
+    spreads: Option<[Option<u64>; FIGURES.len()]>,
+    sites: Vec<Site>,
+}
+
+/// The figures of every test that passed in `runs` (shards or reruns of one environment): each
+/// the median of the runs that have the test (the lower one of an even count), with the spread
+/// across them from two runs on, and the sites of the run whose peak is the one kept.
+fn learned<'r>(runs: &[&'r Results<GateRecord>]) -> Vec<(&'r String, Learned)> {
+    type Observed<'r> = ([Option<u64>; FIGURES.len()], &'r GateRecord);
+    let figures = |record: &GateRecord| {
+        [
+            record.peak_bytes,
+            record.leaked_bytes,
+            record.rss_peak_bytes,
+            record.allocations,
+        ]
+    };
+    let measured = |record: &&GateRecord| record.passed && record.peak_bytes.is_some();
+    let mut observed: Vec<(&String, Vec<Observed>)> = match runs {
+        // One run (the common case): its tests, in order, without a map.
+        [results] => results
+            .entries()
+            .filter(|(_, record)| measured(record))
+            .map(|(id, record)| (id, vec![(figures(record), record)]))
+            .collect(),
+        _ => {
+            let mut by_test: BTreeMap<&String, Vec<Observed>> = BTreeMap::new();
+            for results in runs {
+                for (id, record) in results.entries().filter(|(_, r)| measured(r)) {
+                    by_test
+                        .entry(id)
+                        .or_default()
+                        .push((figures(record), record));
+                }
+            }
+            by_test.into_iter().collect()
+        }
+    };
+    // Tests and benchmarks are each sorted; together, not always.
+    if !observed.windows(2).all(|w| w[0].0 < w[1].0) {
+        observed.sort_by(|a, b| a.0.cmp(b.0));
+    }
+    observed
+        .into_iter()
+        .map(|(id, observed)| {
+            let (figures, spreads) = match observed.as_slice() {
+                [(figures, _)] => (*figures, None),
+                _ => {
+                    let mut figures = [None; FIGURES.len()];
+                    let mut spreads = [None; FIGURES.len()];
+                    for index in 0..FIGURES.len() {
+                        let mut values: Vec<u64> =
+                            observed.iter().filter_map(|v| v.0[index]).collect();
+                        values.sort_unstable();
+                        figures[index] = values.get((values.len().max(1) - 1) / 2).copied();
+                        let spread = values.last().zip(values.first()).map(|(hi, lo)| hi - lo);
+                        spreads[index] = spread.filter(|&spread| spread > 0);
+                    }
+                    (figures, Some(spreads))
+                }
+            };
+            let sites = observed
+                .iter()
+                .find(|(observed, _)| observed[0] == figures[0])
+                .map_or_else(Vec::new, |(_, record)| record.sites());
+            let sites = significant_sites(sites, figures[0]);
+            (
+                id,
+                Learned {
+                    figures,
+                    spreads,
+                    sites,
+                },
+            )
+        })
+        .collect()
 }
 
 impl Baseline {
@@ -659,8 +870,7 @@ impl Baseline {
         let mut baseline = Self::parse_toml(path, text)?;
         if let (Some(only), false) = (only, baseline.one_environment) {
             for test in baseline.tests.values_mut() {
-                test.environments
-                    .retain(|key, _| only.contains(key.as_str()));
+                test.environments.retain(|key| only.contains(key));
             }
         }
         Ok(baseline)
@@ -728,8 +938,8 @@ impl Baseline {
         let mut seen = BTreeSet::new();
         for test in self.tests.values() {
             for key in test.environments.keys() {
-                if !seen.contains(key.as_str()) {
-                    seen.insert(key.as_str());
+                if !seen.contains(key) {
+                    seen.insert(key);
                 }
             }
         }
@@ -750,7 +960,12 @@ impl Baseline {
 
     /// This baseline with the figures of every passed test in `results`, measured in
     /// `environment`.
-    pub fn updated(&self, environment: &str, results: &Results, prune: bool) -> Baseline {
+    pub fn updated(
+        &self,
+        environment: &str,
+        results: &Results<GateRecord>,
+        prune: bool,
+    ) -> Baseline {
         self.updated_from_runs(&[(environment, results)], prune)
     }
 
@@ -761,8 +976,17 @@ impl Baseline {
     /// one of an even count) and, when two or more have it, its spread is what it moved across
     /// them; a test that one run has keeps the spread it had. A schema-1 baseline's figures
     /// become those of the first run's environment.
-    pub fn updated_from_runs(&self, runs: &[(&str, &Results)], prune: bool) -> Baseline {
-        let mut next = self.clone();
+    pub fn updated_from_runs(
+        &self,
+        runs: &[(&str, &Results<GateRecord>)],
+        prune: bool,
+    ) -> Baseline {
+        self.clone().into_updated(runs, prune)
+    }
+
+    /// [`Baseline::updated_from_runs`], without a copy of this baseline.
+    pub fn into_updated(self, runs: &[(&str, &Results<GateRecord>)], prune: bool) -> Baseline {
+        let mut next = self;
         if next.one_environment {
             next.one_environment = false;
             if let Some((first, _)) = runs.first() {
@@ -773,70 +997,88 @@ impl Baseline {
                 }
             }
         }
-        let mut by_environment: BTreeMap<&str, Vec<&Results>> = BTreeMap::new();
+        let mut by_environment: BTreeMap<&str, Vec<&Results<GateRecord>>> = BTreeMap::new();
         for (environment, results) in runs {
             by_environment.entry(environment).or_default().push(results);
         }
         if prune {
             next.tests.retain(|id, test| {
-                test.environments.retain(|environment, _| {
-                    by_environment
-                        .get(environment.as_str())
-                        .is_some_and(|runs| {
-                            runs.iter().any(|results| {
-                                results.tests.contains_key(id)
-                                    || results.benchmarks.contains_key(id)
-                            })
+                test.environments.retain(|environment| {
+                    by_environment.get(environment).is_some_and(|runs| {
+                        runs.iter().any(|results| {
+                            results.tests.contains_key(id) || results.benchmarks.contains_key(id)
                         })
+                    })
                 });
                 !test.environments.is_empty()
             });
         }
-        type Observed<'r> = ([Option<u64>; FIGURES.len()], &'r [Site]);
-        for (environment, runs) in by_environment {
-            let mut measured: BTreeMap<&String, Vec<Observed>> = BTreeMap::new();
-            for results in runs {
-                for (id, record) in results.entries() {
-                    if record.outcome != "passed" || record.peak_bytes.is_none() {
-                        continue;
-                    }
-                    let figures = [
-                        record.peak_bytes,
-                        record.leaked_bytes,
-                        record.rss_peak_bytes,
-                        record.allocations,
-                    ];
-                    measured
-                        .entry(id)
-                        .or_default()
-                        .push((figures, &record.top_sites));
-                }
+        // Each environment's new entries are worked out apart, on two threads when there are
+        // several (a matrix's update is mostly reading sites), then filed in.
+        let work: Vec<(&str, Vec<&Results<GateRecord>>)> = by_environment.into_iter().collect();
+        type Work<'w, 'r> = [(&'w str, Vec<&'r Results<GateRecord>>)];
+        fn learn<'w, 'r>(work: &Work<'w, 'r>) -> Vec<(&'w str, Vec<(&'r String, Learned)>)> {
+            work.iter()
+                .map(|(environment, runs)| (*environment, learned(runs)))
+                .collect()
+        }
+        let learned = if work.len() > 1 {
+            let (first, second) = work.split_at(work.len() / 2);
+            std::thread::scope(|scope| {
+                let later = scope.spawn(|| learn(second));
+                let mut all = learn(first);
+                all.extend(later.join().expect("learning figures does not panic"));
+                all
+            })
+        } else {
+            learn(&work)
+        };
+        let apply = |test: &mut Test, environment: &str, update: Learned| {
+            let entry = test.environments.entry_or_default(environment);
+            entry.figures = update.figures;
+            if let Some(spreads) = update.spreads {
+                entry.spreads = spreads;
             }
-            for (id, observed) in measured {
-                let test = next.tests.entry(id.clone()).or_default();
-                let entry = test.environments.entry(environment.to_owned()).or_default();
-                for index in 0..FIGURES.len() {
-                    let mut values: Vec<u64> = observed.iter().filter_map(|v| v.0[index]).collect();
-                    values.sort_unstable();
-                    entry.figures[index] = values.get((values.len().max(1) - 1) / 2).copied();
-                    if observed.len() > 1 {
-                        let spread = values.last().zip(values.first()).map(|(hi, lo)| hi - lo);
-                        entry.spreads[index] = spread.filter(|&spread| spread > 0);
-                    }
-                }
-                // The sites of the run whose peak is the one kept.
-                let median = observed
-                    .iter()
-                    .find(|(figures, _)| figures[0] == entry.figures[0])
-                    .map_or(&[][..], |(_, sites)| *sites);
-                entry.sites = significant_sites(median, entry.figures[0]);
+            entry.sites = update.sites;
+        };
+        // One list by test (each test's environments together, while its table is in cache),
+        // sorted by id like the tests: one walk files them in, without a lookup each.
+        let mut updates: Vec<(&String, &str, Learned)> = learned
+            .into_iter()
+            .flat_map(|(environment, entries)| {
+                entries
+                    .into_iter()
+                    .map(move |(id, update)| (id, environment, update))
+            })
+            .collect();
+        updates.sort_by(|a, b| a.0.cmp(b.0));
+        let mut tests = next.tests.iter_mut().peekable();
+        let mut added = Vec::new();
+        for (id, environment, update) in updates {
+            while tests.next_if(|(known, _)| *known < id).is_some() {}
+            match tests.peek_mut() {
+                Some((known, test)) if *known == id => apply(test, environment, update),
+                _ => added.push((id, environment, update)),
             }
+        }
+        for (id, environment, update) in added {
+            apply(
+                next.tests.entry(id.clone()).or_default(),
+                environment,
+                update,
+            );
         }
         next
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
+        // About 200 bytes a table: grown once, not forty times.
+        let tables: usize = self
+            .tests
+            .values()
+            .map(|t| t.environments.0.len() + 1)
+            .sum();
+        let mut out = String::with_capacity(tables * 200);
         out.push_str("# memgauge baseline: `memgauge baseline update` writes it; review its diffs like code.\n");
         out.push_str("# Sizes are bytes; figures are kept per environment, [tests.\"ID\".\"ENVIRONMENT\"].\n");
         out.push_str("# A test may set its own tolerance = \"20%\" and floor = \"1 MiB\" in [tests.\"ID\"].\n");
@@ -859,31 +1101,49 @@ impl Baseline {
             out.push_str("\n[defaults]\n");
             write_thresholds(&mut out, &self.defaults);
         }
-        for (id, test) in &self.tests {
-            let id = quoted(id);
+        let environments: BTreeMap<&str, String> = self
+            .environments()
+            .into_iter()
+            .map(|key| (key, quoted(key)))
+            .collect();
+        let mut id = String::new();
+        for (test_id, test) in &self.tests {
+            id.clear();
+            push_quoted(&mut id, test_id);
             if test.thresholds != Thresholds::default() || self.one_environment {
                 let _ = write!(out, "\n[tests.{id}]\n");
                 write_thresholds(&mut out, &test.thresholds);
             }
-            for (environment, entry) in &test.environments {
+            for (environment, entry) in test.environments.iter() {
                 if !self.one_environment {
-                    let _ = write!(out, "\n[tests.{id}.{}]\n", quoted(environment));
+                    out.push_str("\n[tests.");
+                    out.push_str(&id);
+                    out.push('.');
+                    out.push_str(&environments[environment]);
+                    out.push_str("]\n");
                 }
                 for (index, (figure, _)) in FIGURES.iter().enumerate() {
-                    if let Some(value) = entry.figures[index] {
-                        let _ = writeln!(out, "{figure} = {value}");
-                    }
-                    if let Some(spread) = entry.spreads[index] {
-                        let _ = writeln!(out, "{figure}_spread = {spread}");
+                    for (value, suffix) in [
+                        (entry.figures[index], " = "),
+                        (entry.spreads[index], "_spread = "),
+                    ] {
+                        if let Some(value) = value {
+                            out.push_str(figure);
+                            out.push_str(suffix);
+                            size::push_number(&mut out, value);
+                            out.push('\n');
+                        }
                     }
                 }
                 if !entry.sites.is_empty() {
-                    let sites: Vec<String> = entry
-                        .sites
-                        .iter()
-                        .map(|site| quoted(&format_site(site)))
-                        .collect();
-                    let _ = writeln!(out, "sites = [{}]", sites.join(", "));
+                    out.push_str("sites = [");
+                    for (i, site) in entry.sites.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(", ");
+                        }
+                        push_site(&mut out, site);
+                    }
+                    out.push_str("]\n");
                 }
             }
         }
@@ -891,14 +1151,106 @@ impl Baseline {
     }
 }
 
-/// A unified diff of two baseline texts, for review.
+/// How many changed tables `diff` shows before it only counts them.
+const DIFF_TABLES_SHOWN: usize = 500;
+
+/// The changes between two baseline texts, for review, table by table: each changed table after
+/// an `@@` line, its lines marked `-` and `+` as in a unified diff. (A matrix's baseline is a
+/// million lines; a line diff of all of them took longer than the update, where comparing
+/// tables is one hash each.) Past [`DIFF_TABLES_SHOWN`] tables, the rest are counted.
 pub fn diff(path: &Path, old: &str, new: &str) -> String {
-    let name = path.display().to_string();
-    similar::TextDiff::from_lines(old, new)
-        .unified_diff()
-        .context_radius(2)
-        .header(&format!("a/{name}"), &format!("b/{name}"))
-        .to_string()
+    fn tables(text: &str) -> Vec<&str> {
+        text.split("\n\n")
+            .filter(|t| !t.trim().is_empty())
+            .collect()
+    }
+    fn header(table: &str) -> &str {
+        table.trim_start_matches('\n').lines().next().unwrap_or("")
+    }
+    let (old_tables, new_tables) = (tables(old), tables(new));
+    // Both in the baseline's order: walked side by side, a table that is not where the other
+    // text has it is looked for a little further on (a test added or dropped), else counted as
+    // removed and added.
+    const LOOK_AHEAD: usize = 64;
+    let mut changes: Vec<(&str, &str)> = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < old_tables.len() || j < new_tables.len() {
+        match (old_tables.get(i), new_tables.get(j)) {
+            (Some(before), Some(after)) if before == after => {
+                i += 1;
+                j += 1;
+            }
+            (Some(before), Some(after)) if header(before) == header(after) => {
+                changes.push((before, after));
+                i += 1;
+                j += 1;
+            }
+            (Some(before), Some(after)) => {
+                let later = |tables: &[&str], from: usize, head: &str| {
+                    tables[from..tables.len().min(from + LOOK_AHEAD)]
+                        .iter()
+                        .position(|t| header(t) == head)
+                };
+                if let Some(skip) = later(&new_tables, j + 1, header(before)) {
+                    for added in &new_tables[j..j + 1 + skip] {
+                        changes.push(("", added));
+                    }
+                    j += 1 + skip;
+                } else if let Some(skip) = later(&old_tables, i + 1, header(after)) {
+                    for removed in &old_tables[i..i + 1 + skip] {
+                        changes.push((removed, ""));
+                    }
+                    i += 1 + skip;
+                } else {
+                    changes.push((before, ""));
+                    changes.push(("", after));
+                    i += 1;
+                    j += 1;
+                }
+            }
+            (Some(before), None) => {
+                changes.push((before, ""));
+                i += 1;
+            }
+            (None, Some(after)) => {
+                changes.push(("", after));
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    let name = path.display();
+    let mut out = format!("--- a/{name}\n+++ b/{name}\n");
+    for (before, after) in changes.iter().take(DIFF_TABLES_SHOWN) {
+        out.push_str("@@\n");
+        let (before, after) = (
+            format!("{}\n", before.trim_matches('\n')),
+            format!("{}\n", after.trim_matches('\n')),
+        );
+        for change in
+            similar::TextDiff::from_lines(before.as_str(), after.as_str()).iter_all_changes()
+        {
+            let sign = match change.tag() {
+                similar::ChangeTag::Delete => '-',
+                similar::ChangeTag::Insert => '+',
+                similar::ChangeTag::Equal => ' ',
+            };
+            let line = change.value();
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.push(sign);
+            out.push_str(line);
+        }
+    }
+    if changes.len() > DIFF_TABLES_SHOWN {
+        let _ = writeln!(
+            out,
+            "... and {} more tables changed (`git diff {name}` shows them all)",
+            changes.len() - DIFF_TABLES_SHOWN
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -907,8 +1259,8 @@ mod tests {
 
     const ENV: &str = "cp311-linux-x86_64";
 
-    fn results() -> Results {
-        Results::parse(
+    fn results() -> Results<GateRecord> {
+        Results::<GateRecord>::parse(
             Path::new("r.json"),
             r#"{"schema": 1, "tests": {
             "b.py::t[\"x\" 'q' \\ $HOME `y` é\n]": {"outcome": "passed", "peak_bytes": 10, "leaked_bytes": 1, "allocations": 3},
@@ -959,6 +1311,32 @@ mod tests {
     }
 
     #[test]
+    fn the_diff_shows_changed_added_and_removed_tables_only() {
+        let table = |id: &str, peak: u64| format!("[tests.\"{id}\".\"e\"]\npeak_bytes = {peak}\n");
+        let head = "# memgauge\nschema = 2\n";
+        let old = format!(
+            "{head}\n{}\n{}\n{}",
+            table("a", 1),
+            table("b", 2),
+            table("c", 3)
+        );
+        let new = format!(
+            "{head}\n{}\n{}\n{}",
+            table("a", 1),
+            table("c", 4),
+            table("d", 5)
+        );
+        let diff = diff(Path::new("b.toml"), &old, &new);
+        assert_eq!(
+            diff,
+            "--- a/b.toml\n+++ b/b.toml\n\
+             @@\n-[tests.\"b\".\"e\"]\n-peak_bytes = 2\n\
+             @@\n [tests.\"c\".\"e\"]\n-peak_bytes = 3\n+peak_bytes = 4\n\
+             @@\n+[tests.\"d\".\"e\"]\n+peak_bytes = 5\n"
+        );
+    }
+
+    #[test]
     fn sites_are_the_significant_ones_named_portably() {
         let site = |file: &str, bytes: u64| Site {
             file: file.to_owned(),
@@ -974,7 +1352,7 @@ mod tests {
             site("C:\\py\\Lib\\site-packages\\pkg\\y.py", 100),
             site("tests/t.py", 49),
         ];
-        let kept = significant_sites(&sites, Some(1000));
+        let kept = significant_sites(sites.to_vec(), Some(1000));
         let files: Vec<&str> = kept.iter().map(|s| s.file.as_str()).collect();
         assert_eq!(files, ["numpy/_core/x.py", "pkg\\y.py"]);
     }
@@ -982,7 +1360,7 @@ mod tests {
     #[test]
     fn each_environment_is_updated_apart_and_the_others_stay_byte_identical() {
         let run = |peak: u64| {
-            Results::parse(
+            Results::<GateRecord>::parse(
                 Path::new("r.json"),
                 &format!(r#"{{"schema": 1, "tests": {{"a.py::t": {{"outcome": "passed", "peak_bytes": {peak}}}}}}}"#),
             )
@@ -1066,7 +1444,7 @@ mod tests {
     #[test]
     fn several_runs_give_the_median_and_the_spread() {
         let run = |peak: u64, leaked: u64| {
-            Results::parse(
+            Results::<GateRecord>::parse(
                 Path::new("r.json"),
                 &format!(
                     r#"{{"schema": 1, "tests": {{"a.py::t": {{"outcome": "passed",
@@ -1076,7 +1454,7 @@ mod tests {
             .unwrap()
         };
         let runs = [run(300, 7), run(100, 7), run(200, 7)];
-        let of_env: Vec<(&str, &Results)> = runs.iter().map(|r| (ENV, r)).collect();
+        let of_env: Vec<(&str, &Results<GateRecord>)> = runs.iter().map(|r| (ENV, r)).collect();
         let baseline = Baseline::default().updated_from_runs(&of_env, false);
         let entry = figures(&baseline, "a.py::t", ENV);
         assert_eq!(entry.get("peak_bytes"), Some(200));
@@ -1100,7 +1478,7 @@ mod tests {
         let two = Baseline::default().updated_from_runs(&of_env[..2], false);
         assert_eq!(figures(&two, "a.py::t", ENV).get("peak_bytes"), Some(100));
         // Shards: a test in one of them keeps its spread.
-        let other = Results::parse(
+        let other = Results::<GateRecord>::parse(
             Path::new("r.json"),
             r#"{"schema": 1, "tests": {"b.py::t": {"outcome": "passed", "peak_bytes": 1}}}"#,
         )

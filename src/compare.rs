@@ -168,7 +168,7 @@ impl<'a> Comparison<'a> {
         let Some(rows) = self.sites.get_mut(test) else {
             return;
         };
-        for site in &crate::baseline::significant_sites(current, peak) {
+        for site in &crate::baseline::significant_sites(current.to_vec(), peak) {
             match rows
                 .iter_mut()
                 .find(|row| row.file == site.file && row.function == site.function)

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use crate::compare::{Change, Comparison, SiteRow, Status};
 use crate::results::Results;
-use crate::size::{format_signed_size, format_size};
+use crate::size::{format_signed_size, format_size, push_number};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -479,21 +479,6 @@ fn push_xml_escaped(out: &mut String, text: &str) {
             c => out.push(c),
         }
     }
-}
-
-/// `value` in decimal, without the formatting machinery.
-fn push_number(out: &mut String, mut value: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
 }
 
 /// JUnit XML: one testcase per compared test; regressions fail, new and missing are skipped;

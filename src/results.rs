@@ -56,12 +56,14 @@ pub struct TestRecord {
 }
 
 /// What the gate reads of a test, and no more: `memgauge compare` of 100,000 tests holds a
-/// third of the memory it would with whole records (the sites and the rest are skipped unread).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// third of the memory it would with whole records (the rest is skipped unread, and the sites
+/// are kept as text until a regression's report reads them).
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct GateRecord {
-    /// Required, as in a whole record, but not kept.
-    #[allow(dead_code)]
-    outcome: serde::de::IgnoredAny,
+    /// Whether the test passed (its `outcome`, required as in a whole record, read without a
+    /// copy): a baseline learns only from tests that passed.
+    #[serde(rename = "outcome", deserialize_with = "passed")]
+    pub passed: bool,
     #[serde(default)]
     pub file: Option<String>,
     #[serde(default)]
@@ -74,35 +76,25 @@ pub struct GateRecord {
     pub rss_peak_bytes: Option<u64>,
     #[serde(default)]
     pub allocations: Option<u64>,
+    /// The lines at the peak, kept as their JSON text: read only for a regression's report.
+    #[serde(default)]
+    pub top_sites: Option<Box<serde_json::value::RawValue>>,
 }
 
-/// What a regression's report reads of a test, in a second pass over its results: the lines
-/// that held the most at its peak.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct SitesRecord {
-    #[allow(dead_code)]
-    outcome: serde::de::IgnoredAny,
-    #[serde(default)]
-    pub peak_bytes: Option<u64>,
-    #[serde(default)]
-    pub top_sites: Vec<Site>,
+fn passed<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<bool, D::Error> {
+    let outcome = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+    Ok(outcome == "passed")
 }
 
-impl Record for SitesRecord {
-    fn crashed() -> Self {
-        SitesRecord::default()
-    }
-
-    fn figure(&self, _figure: Figure) -> Option<u64> {
-        None
-    }
-
-    fn file(&self) -> Option<&str> {
-        None
-    }
-
-    fn line(&self) -> Option<u32> {
-        None
+impl GateRecord {
+    /// The lines that held the most at the peak; none if the file's are not readable.
+    pub fn sites(&self) -> Vec<Site> {
+        self.top_sites
+            .as_ref()
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+            .unwrap_or_default()
     }
 }
 
@@ -178,8 +170,7 @@ pub struct Results<R = TestRecord> {
 impl<R: Record> Results<R> {
     /// Parses a results document or, for a run that died, its `.partial` stream.
     pub fn parse(path: &Path, text: &str) -> Result<Results<R>> {
-        let first_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-        if first_line.contains("\"event\"") && !first_line.contains("\"schema\"") {
+        if is_stream(text) {
             return Self::parse_stream(path, text);
         }
         match serde_json::from_str::<Results<R>>(text) {
@@ -276,6 +267,12 @@ impl<R: Record> Results<R> {
     }
 
     pub fn load(path: &Path) -> Result<Results<R>> {
+        Self::parse(path, &Self::read(path)?)
+    }
+
+    /// A results file's text; a missing file's error says how to make it, or where the
+    /// partial results of a run that died are.
+    pub fn read(path: &Path) -> Result<String> {
         let partial = path.with_file_name(format!(
             "{}.partial",
             path.file_name()
@@ -291,50 +288,96 @@ impl<R: Record> Results<R> {
         } else {
             "; run `pytest --memprof` first, or name the results file".to_owned()
         };
-        Self::parse(path, &read_text(path, &hint)?)
+        read_text(path, &hint)
     }
 
     /// The environment the figures were measured in (`environment.key`, which the plugin
     /// writes): the baseline keeps each environment's figures apart. Results without one (a
-    /// file made by hand, or by memgauge before 0.3) are of environment `unknown`.
+    /// file made by hand, or by an earlier memgauge) are of environment `unknown`.
     pub fn environment_key(&self, path: &Path) -> Result<&str> {
-        match self.environment.get("key") {
-            None => Ok(UNKNOWN_ENVIRONMENT),
-            Some(Value::String(key))
-                if !key.is_empty() && !key.chars().any(|c| c.is_control() || c == '"') =>
-            {
-                Ok(key)
-            }
-            Some(other) => Err(Error::invalid(
-                path,
-                format!(
-                    "key \"environment\".\"key\": {other} is not an environment key: \
-                     a non-empty string without control characters or quotes"
-                ),
-            )),
-        }
+        environment_key(path, &self.environment)
     }
 
     /// The shard this run was, as (K, N); `None` when it was not one.
     pub fn shard(&self, path: &Path) -> Result<Option<(u32, u32)>> {
-        let Some(text) = &self.shard else {
-            return Ok(None);
-        };
-        let parsed = text
-            .split_once('/')
-            .and_then(|(k, n)| Some((k.parse::<u32>().ok()?, n.parse::<u32>().ok()?)))
-            .filter(|&(k, n)| 1 <= k && k <= n);
-        parsed.map(Some).ok_or_else(|| {
-            Error::invalid(
-                path,
-                format!("key \"shard\": {text:?} is not K/N with 1 <= K <= N"),
-            )
-        })
+        shard(path, self.shard.as_deref())
     }
 
     /// Tests and benchmarks, under one namespace: benchmarks are gated like tests.
     pub fn entries(&self) -> impl Iterator<Item = (&String, &R)> {
         self.tests.iter().chain(self.benchmarks.iter())
+    }
+}
+
+fn environment_key<'m>(path: &Path, environment: &'m Map<String, Value>) -> Result<&'m str> {
+    match environment.get("key") {
+        None => Ok(UNKNOWN_ENVIRONMENT),
+        Some(Value::String(key))
+            if !key.is_empty() && !key.chars().any(|c| c.is_control() || c == '"') =>
+        {
+            Ok(key)
+        }
+        Some(other) => Err(Error::invalid(
+            path,
+            format!(
+                "key \"environment\".\"key\": {other} is not an environment key: \
+                 a non-empty string without control characters or quotes"
+            ),
+        )),
+    }
+}
+
+fn shard(path: &Path, text: Option<&str>) -> Result<Option<(u32, u32)>> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    let parsed = text
+        .split_once('/')
+        .and_then(|(k, n)| Some((k.parse::<u32>().ok()?, n.parse::<u32>().ok()?)))
+        .filter(|&(k, n)| 1 <= k && k <= n);
+    parsed.map(Some).ok_or_else(|| {
+        Error::invalid(
+            path,
+            format!("key \"shard\": {text:?} is not K/N with 1 <= K <= N"),
+        )
+    })
+}
+
+/// Whether a results text is the stream a run writes as it goes (`.partial`).
+fn is_stream(text: &str) -> bool {
+    let first_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    first_line.contains("\"event\"") && !first_line.contains("\"schema\"")
+}
+
+/// What a results file says of itself, read without its tests: its environment.
+#[derive(Debug, Default, Deserialize)]
+pub struct Head {
+    #[serde(default)]
+    environment: Map<String, Value>,
+}
+
+impl Head {
+    /// Reads the head of a results text: one scan, no records built (for a stream, its first
+    /// line). A text that is not valid results gets its error from [`Results::parse`] later.
+    pub fn read(text: &str) -> Head {
+        if is_stream(text) {
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            return serde_json::from_str(first).unwrap_or_default();
+        }
+        // The plugin writes the head on the first lines and the tests after `,\n"tests"`: that
+        // prefix, closed, is the head, read without scanning the tests. (A newline cannot be in
+        // a JSON string, and a cut inside a nested value leaves it unclosed: then the whole
+        // text is scanned.)
+        if let Some(end) = text.find(",\n\"tests\"") {
+            if let Ok(head) = serde_json::from_str(&format!("{}}}", &text[..end])) {
+                return head;
+            }
+        }
+        serde_json::from_str(text).unwrap_or_default()
+    }
+
+    pub fn environment_key(&self, path: &Path) -> Result<&str> {
+        environment_key(path, &self.environment)
     }
 }
 

@@ -130,6 +130,21 @@ pub fn format_signed_size(bytes: i128) -> String {
     format!("{sign}{value:.2} {}", UNITS[unit])
 }
 
+/// `value` in decimal, without the formatting machinery.
+pub fn push_number(out: &mut String, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[start..]).expect("ASCII digits"));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
