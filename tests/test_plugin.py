@@ -435,7 +435,7 @@ def test_memgauge_compare_gates_benchmarks(pytester: pytest.Pytester):
     update = pytester.run("memgauge", "baseline", "update")
     assert update.ret == 0, update.stderr.str()
     assert (
-        '[tests."test_bench.py::test_b::bytearray"]'
+        '[tests."test_bench.py::test_b::bytearray".'
         in (pytester.path / "memgauge-baseline.toml").read_text()
     )
     # A source of another length: of the same length and within the same second, the import
