@@ -312,19 +312,24 @@ impl<R: Record> Results<R> {
 fn environment_key<'m>(path: &Path, environment: &'m Map<String, Value>) -> Result<&'m str> {
     match environment.get("key") {
         None => Ok(UNKNOWN_ENVIRONMENT),
-        Some(Value::String(key))
-            if !key.is_empty() && !key.chars().any(|c| c.is_control() || c == '"') =>
-        {
-            Ok(key)
-        }
+        Some(Value::String(key)) if is_environment_key(key) => Ok(key),
         Some(other) => Err(Error::invalid(
             path,
             format!(
-                "key \"environment\".\"key\": {other} is not an environment key: \
-                 a non-empty string without control characters or quotes"
+                "key \"environment\".\"key\": {other} is not an environment key: one or more \
+                 ASCII letters, digits, '.', '_', '+' and '-' (--memprof-environment sets it)"
             ),
         )),
     }
+}
+
+/// An environment key names a table in the baseline and a section of a pull request comment
+/// (from a fork's artifact, too): letters, digits and `._+-` only, so it needs no escaping.
+fn is_environment_key(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
 }
 
 fn shard(path: &Path, text: Option<&str>) -> Result<Option<(u32, u32)>> {

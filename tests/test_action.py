@@ -259,7 +259,8 @@ def test_the_pull_request_comment_is_posted_once_and_then_updated(tmp_path: Path
     assert state["calls"][0][:3] == ["api", "--paginate", "repos/owner/repo/issues/7/comments"]
 
     # Another id is another comment; a report over GitHub's limit is cut, and says so.
-    report.write_text("x" * 70_000)
+    line = "ü" * 99  # two bytes a character: a cut by bytes could split one
+    report.write_text((line + "\n") * 700, encoding="utf-8")
     other = subprocess.run(
         ["bash", str(COMMENT_SH), str(report)],
         env={**env, "MEMGAUGE_COMMENT_ID": "nightly"},
@@ -271,6 +272,8 @@ def test_the_pull_request_comment_is_posted_once_and_then_updated(tmp_path: Path
     assert len(bodies) == 2
     long = next(b for b in bodies.values() if "nightly" in b)
     assert len(long) < 65_536 and "cut here" in long
+    kept = long.splitlines()[1:-2]
+    assert len(kept) > 250 and set(kept) == {line}
     bad = subprocess.run(
         ["bash", str(COMMENT_SH), str(report)],
         env={**env, "MEMGAUGE_PR": "7; echo pwned"},

@@ -159,10 +159,10 @@ def environment_key(template: str, origin: str = "environment") -> str:
         raise ValueError(f"{origin}: unknown field {{{name}}} in {template!r}; use {known}")
 
     key = re.sub(r"\{([^{}]*)\}", field, template)
-    if not key or any(c.isspace() or not c.isprintable() or c in '"\\{}' for c in key):
+    if not re.fullmatch(r"[A-Za-z0-9._+-]+", key):
         raise ValueError(
-            f"{origin}: {template!r} gives the key {key!r}; a key needs at least one character "
-            "and no spaces, quotes, backslashes or braces"
+            f"{origin}: {template!r} gives the key {key!r}; a key is one or more ASCII letters, "
+            "digits, '.', '_', '+' and '-'"
         )
     return key
 

@@ -27,12 +27,13 @@ fi
 marker="<!-- memgauge-comment: $id -->"
 body="$(mktemp)"
 trap 'rm -f "$body"' EXIT
-# GitHub refuses a comment over 65,536 characters: a long report is cut, and says so.
+# GitHub refuses a comment over 65,536 characters: a long report is cut at a line's end (never
+# inside a character), and says so.
 limit=60000
 {
   echo "$marker"
   if [ "$(wc -c < "$report")" -gt "$limit" ]; then
-    head -c "$limit" "$report"
+    head -c "$limit" "$report" | sed '$d'
     printf '\n\n… cut here: the whole report is in the job summary and the uploaded artifact.\n'
   else
     cat "$report"
