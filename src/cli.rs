@@ -47,9 +47,6 @@ impl From<ExitStatus> for std::process::ExitCode {
     }
 }
 
-const DEFAULT_RESULTS: &str = ".memgauge/results.json";
-const DEFAULT_BASELINE: &str = "memgauge-baseline.toml";
-
 #[derive(Debug, Parser)]
 #[command(
     name = "memgauge",
@@ -290,6 +287,49 @@ struct ReportArgs {
     run: Option<PathBuf>,
 }
 
+/// Every key of `[tool.memgauge]`, the plugin's and the gate's, defined once for both.
+const OPTIONS_TOML: &str = include_str!("../pytest_plugin/memgauge/options.toml");
+
+/// The keys `options.toml` defines, in its order.
+fn option_keys() -> Vec<&'static str> {
+    // Its tables' headers, `[name]`, each on a line of its own (the test below checks the file
+    // parses as TOML to the same keys).
+    OPTIONS_TOML
+        .lines()
+        .filter_map(|line| line.strip_prefix('[')?.strip_suffix(']'))
+        .collect()
+}
+
+/// The option `options.toml` gives `key` as its default.
+fn option_default(key: &str) -> Option<toml::Value> {
+    let table: toml::Table = OPTIONS_TOML.parse().expect("options.toml is TOML");
+    table.get(key)?.get("default").cloned()
+}
+
+/// The known key nearest to `key` (edit distance at most a third of its length), for a hint.
+fn nearest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut previous = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let substitution = previous + usize::from(ca != *cb);
+                previous = row[j + 1];
+                row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+            }
+        }
+        row[b.len()]
+    };
+    known
+        .iter()
+        .map(|candidate| (distance(key, candidate), *candidate))
+        .filter(|(d, _)| *d <= key.chars().count().max(3) / 3)
+        .min()
+        .map(|(_, candidate)| candidate)
+}
+
 /// `[tool.memgauge]` of pyproject.toml: defaults shared with the pytest plugin.
 #[derive(Debug, Default)]
 struct Settings {
@@ -319,6 +359,21 @@ impl Settings {
         let table = table
             .as_table()
             .ok_or_else(|| Error::invalid(&path, "key tool.memgauge: must be a table"))?;
+        let known = option_keys();
+        if let Some(key) = table.keys().find(|key| !known.contains(&key.as_str())) {
+            let hint = match nearest(key, &known) {
+                Some(near) => format!("did you mean {near}?"),
+                None => format!("the keys are {}", known.join(", ")),
+            };
+            return Err(Error::invalid(
+                &path,
+                format!("key tool.memgauge.{key}: unknown; {hint}"),
+            ));
+        }
+        // Paths in the file are relative to its directory, as the plugin reads them from the
+        // rootdir (where pytest finds pyproject.toml).
+        let base = path.parent().unwrap_or(Path::new("")).to_owned();
+        let located = |value: Option<String>| value.map(|p| base.join(p));
         let text = |key: &str| -> Result<Option<String>> {
             match table.get(key) {
                 None => Ok(None),
@@ -338,8 +393,8 @@ impl Settings {
             }
         };
         Ok(Settings {
-            output: text("output")?.map(PathBuf::from),
-            baseline: text("baseline")?.map(PathBuf::from),
+            output: located(text("output")?),
+            baseline: located(text("baseline")?),
             tolerance: text("tolerance")?,
             floor: text("floor")?,
             gate: text("gate")?,
@@ -349,13 +404,21 @@ impl Settings {
     fn results_path(&self, given: Option<PathBuf>) -> PathBuf {
         given
             .or_else(|| self.output.clone())
-            .unwrap_or_else(|| DEFAULT_RESULTS.into())
+            .unwrap_or_else(|| default_path("output"))
     }
 
     fn baseline_path(&self, given: Option<PathBuf>) -> PathBuf {
         given
             .or_else(|| self.baseline.clone())
-            .unwrap_or_else(|| DEFAULT_BASELINE.into())
+            .unwrap_or_else(|| default_path("baseline"))
+    }
+}
+
+/// A path option's default, from `options.toml`.
+fn default_path(key: &str) -> PathBuf {
+    match option_default(key) {
+        Some(toml::Value::String(path)) => PathBuf::from(path),
+        _ => unreachable!("options.toml gives {key} a path as its default"),
     }
 }
 
@@ -883,5 +946,55 @@ where
             eprintln!("memgauge: error: {error}");
             ExitStatus::Error
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_options_file_defines_the_keys_and_the_gates_defaults() {
+        let table: toml::Table = OPTIONS_TOML.parse().unwrap();
+        let keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        let mut listed = option_keys();
+        listed.sort_unstable();
+        let mut parsed = keys.clone();
+        parsed.sort_unstable();
+        assert_eq!(listed, parsed);
+        // The gate's built-in policy is the one the file documents.
+        let policy = Policy::default();
+        let text = |key: &str| option_default(key).unwrap();
+        assert_eq!(
+            size::parse_percent(text("tolerance").as_str().unwrap()).unwrap(),
+            policy.tolerance
+        );
+        assert_eq!(
+            size::parse_size(text("floor").as_str().unwrap()).unwrap(),
+            policy.floor
+        );
+        let gated: Vec<&str> = policy.gated.iter().map(|f| f.name()).collect();
+        let gate = text("gate");
+        let documented: Vec<&str> = gate
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(gated, documented);
+        for table in table.values() {
+            let read_by = table["read_by"].as_array().unwrap();
+            assert!(read_by
+                .iter()
+                .all(|r| matches!(r.as_str(), Some("pytest" | "gate"))));
+        }
+    }
+
+    #[test]
+    fn the_nearest_key_is_suggested() {
+        let known = option_keys();
+        assert_eq!(nearest("tolerence", &known), Some("tolerance"));
+        assert_eq!(nearest("baseline_", &known), Some("baseline"));
+        assert_eq!(nearest("zzzzzzzz", &known), None);
     }
 }

@@ -723,3 +723,42 @@ fn shards_are_joined_and_a_missing_one_is_an_error() {
     );
     assert!(!dir.path().join("m2.json").exists());
 }
+
+#[test]
+fn settings_are_checked_and_their_paths_are_the_files_own() {
+    let dir = setup(10_000_000);
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::rename(dir.path().join("b.toml"), sub.join("b.toml")).unwrap();
+    std::fs::rename(dir.path().join("now.json"), sub.join("now.json")).unwrap();
+    // Paths in sub/pyproject.toml are relative to sub/, wherever memgauge runs.
+    std::fs::write(
+        sub.join("pyproject.toml"),
+        "[tool.memgauge]\noutput = \"now.json\"\nbaseline = \"b.toml\"\n",
+    )
+    .unwrap();
+    let out = memgauge(
+        dir.path(),
+        &["--config", "sub/pyproject.toml", "compare"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("0 regressions"), "{}", stdout(&out));
+    // A misspelt key is an error naming it and the key meant, not a silent default.
+    std::fs::write(
+        sub.join("pyproject.toml"),
+        "[tool.memgauge]\ntolerence = \"1%\"\n",
+    )
+    .unwrap();
+    let out = memgauge(
+        dir.path(),
+        &["--config", "sub/pyproject.toml", "compare"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("key tool.memgauge.tolerence: unknown; did you mean tolerance?"),
+        "{}",
+        stderr(&out)
+    );
+}

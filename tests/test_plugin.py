@@ -522,3 +522,22 @@ def test_shards_split_a_suite_and_every_test_runs_in_exactly_one(pytester: pytes
     result = pytester.runpytest("--memprof-shard=0/3")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*shard: '0/3' is not a shard: write K/N*"])
+
+
+def test_an_unknown_key_in_tool_memgauge_is_a_warning_naming_the_nearest(
+    pytester: pytest.Pytester,
+):
+    pytester.makepyprojecttoml('[tool.memgauge]\nmemprof = true\ntolerence = "1%"\n')
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    result = pytester.runpytest("-W", "default")
+    result.assert_outcomes(passed=1, warnings=1)
+    output = result.stdout.str()
+    assert (
+        "pyproject.toml: unknown key 'tolerence' in [tool.memgauge]: did you mean tolerance?"
+        in output
+    )
+    # The gate's own keys are known to the plugin too: no warning.
+    pytester.makepyprojecttoml(
+        '[tool.memgauge]\nmemprof = true\ntolerance = "1%"\nbaseline = "b"\n'
+    )
+    pytester.runpytest().assert_outcomes(passed=1)

@@ -3,6 +3,7 @@ pytest ini file: one definition each, so all three mean the same thing (command 
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import platform
 import re
@@ -37,59 +38,38 @@ class Option:
         return self.dest
 
 
-OPTIONS = (
-    Option("memprof", "--memprof", "measure the memory of every test", False, kind="bool"),
+def _load_definitions() -> dict[str, dict[str, Any]]:
+    with (Path(__file__).with_name("options.toml")).open("rb") as file:
+        return tomllib.load(file)
+
+
+# options.toml defines every key once, for the plugin and the memgauge command alike.
+DEFINITIONS = _load_definitions()
+OPTIONS = tuple(
     Option(
-        "output",
-        "--memprof-output",
-        "where to write the results (JSON); default .memgauge/results.json",
-        ".memgauge/results.json",
-    ),
-    Option(
-        "top",
-        "--memprof-top",
-        "how many tests with the highest peak to list after the run; default 10",
-        10,
-        kind="int",
-    ),
-    Option(
-        "scope",
-        "--memprof-scope",
-        "what to measure: 'call' (the test body, as pytest-memray) or 'all' "
-        "(with function-scoped fixture setup and teardown); default call",
-        "call",
-        choices=("call", "all"),
-    ),
-    Option(
-        "seed",
-        "--memprof-seed",
-        "the seed random, NumPy's global generator and hypothesis are reset to before each "
-        "measured test, so reruns draw the same values; 'off' leaves them alone; default 0",
-        "0",
-    ),
-    Option(
-        "environment",
-        "--memprof-environment",
-        "the environment the figures are measured in, under which the baseline keeps them: a "
-        "template of {python} (cp311, cp313t), {platform} (linux, darwin, win32), {machine} "
-        "(x86_64, arm64), {version:PKG} (an installed package's version) and text; "
-        "default {python}-{platform}-{machine}",
-        "{python}-{platform}-{machine}",
-    ),
-    Option(
-        "shard",
-        "--memprof-shard",
-        "run only shard K of N, e.g. 2/4: each test runs in exactly one shard, chosen by a hash "
-        "of its id; `memgauge compare` (or `memgauge merge`) joins the shards' results",
-        None,
-    ),
-    Option(
-        "default-limit",
-        "--memprof-default-limit",
-        "a peak limit for every test without a memlimit marker, e.g. '200 MiB'",
-        None,
-    ),
+        name,
+        spec["flag"],
+        spec["help"],
+        spec.get("default"),
+        kind=spec.get("kind", "string"),
+        choices=tuple(spec["choices"]) if "choices" in spec else None,
+    )
+    for name, spec in DEFINITIONS.items()
+    if "pytest" in spec["read_by"]
 )
+
+
+def unknown_keys(table: dict[str, Any]) -> list[str]:
+    """One message for each key of ``[tool.memgauge]`` that neither the plugin nor the memgauge
+    command knows, naming the nearest known one."""
+    messages = []
+    for key in table:
+        if key in DEFINITIONS:
+            continue
+        near = difflib.get_close_matches(key, DEFINITIONS, n=1)
+        hint = f"did you mean {near[0]}?" if near else "known: " + ", ".join(DEFINITIONS)
+        messages.append(f"unknown key {key!r} in [tool.memgauge]: {hint}")
+    return messages
 
 
 def read_pyproject(rootpath: Path) -> dict[str, Any]:

@@ -101,6 +101,14 @@ class Settings:
     @classmethod
     def load(cls, config: pytest.Config) -> Settings:
         pyproject = cfg.read_pyproject(config.rootpath)
+        for message in cfg.unknown_keys(pyproject):
+            # As pytest does for an unknown ini option: a warning, naming the file.
+            config.issue_config_time_warning(
+                pytest.PytestConfigWarning(
+                    f"memgauge: {config.rootpath / 'pyproject.toml'}: {message}"
+                ),
+                stacklevel=2,
+            )
         values: dict[str, Any] = {}
         # A relative path on the command line is relative to where pytest was started (like
         # --junitxml); one from a config file is relative to the rootdir.
