@@ -541,3 +541,42 @@ def test_an_unknown_key_in_tool_memgauge_is_a_warning_naming_the_nearest(
         '[tool.memgauge]\nmemprof = true\ntolerance = "1%"\nbaseline = "b"\n'
     )
     pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_a_limit_checked_at_teardown_gives_the_test_one_outcome(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        test_all="""
+        import pytest
+
+        @pytest.fixture
+        def big_teardown():
+            yield
+            data = bytearray(8 * 2**20)
+            del data
+
+        @pytest.mark.memlimit("1 MiB")
+        def test_over_in_teardown(big_teardown):
+            pass
+
+        @pytest.mark.memlimit("1 MiB")
+        def test_over_and_failing():
+            data = bytearray(8 * 2**20)
+            del data
+            assert False, "the test's own failure"
+
+        @pytest.mark.memlimit("64 MiB")
+        def test_within(big_teardown):
+            pass
+        """
+    )
+    result = pytester.runpytest("--memprof", "--memprof-scope", "all", "-rA")
+    # Before: the call's report passed and the teardown's failed, two outcomes for one test.
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(["*test_over_in_teardown needs more memory than allowed*"])
+    assert "the test's own failure" in result.stdout.str()
+    outcomes = {key: record["outcome"] for key, record in results(pytester)["tests"].items()}
+    assert outcomes == {
+        "test_all.py::test_over_in_teardown": "failed",
+        "test_all.py::test_over_and_failing": "failed",
+        "test_all.py::test_within": "passed",
+    }

@@ -214,6 +214,28 @@ def check_limits(limits: dict[str, int], measured: dict[str, Any]) -> list[str]:
     return problems
 
 
+def move_limit_failure(call: pytest.TestReport, teardown: pytest.TestReport) -> None:
+    """Moves an exceeded limit, and the figures, from the teardown report to the call's: a test
+    whose call passed fails there, with the limit's message; one that failed already keeps its
+    failure, with the message added as a section. The teardown passes, as it did."""
+    if not getattr(teardown, "memgauge_exceeded", False):
+        return
+    message = str(teardown.longrepr)
+    teardown.outcome = "passed"
+    teardown.longrepr = None
+    teardown.memgauge_exceeded = False
+    if call.passed:
+        call.outcome = "failed"
+        call.longrepr = message
+        call.memgauge_exceeded = True
+    else:
+        call.sections.append(("memgauge: memory limit", message))
+    record = getattr(teardown, "memgauge", None)
+    if record is not None:
+        call.memgauge = record
+        del teardown.memgauge
+
+
 class MemgaugePlugin:
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
@@ -290,6 +312,29 @@ class MemgaugePlugin:
                     os.close(fd)
             except OSError as error:
                 warnings.warn(f"memgauge: cannot write to {run_file}: {error}", stacklevel=1)
+
+    # ----- one outcome for a limit checked at teardown (--memprof-scope all) -----
+
+    @pytest.hookimpl(tryfirst=True, specname="pytest_runtest_protocol")
+    def pytest_runtest_protocol_one_outcome(self, item: pytest.Item, nextitem: pytest.Item | None):
+        """With ``--memprof-scope all`` a limit can only be checked once teardown has run, after
+        the call was reported as passed: a test over its limit would count as passed and failed.
+        Such tests run with their reports held back (as pytest-rerunfailures does), and an
+        exceeded limit fails the call's report, so the test has one outcome."""
+        if self.settings.scope != "all" or item.nodeid not in self.limits:
+            return None
+        from _pytest.runner import runtestprotocol
+
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        call = next((r for r in reports if r.when == "call"), None)
+        teardown = next((r for r in reports if r.when == "teardown"), None)
+        if call is not None and teardown is not None:
+            move_limit_failure(call, teardown)
+        for report in reports:
+            item.ihook.pytest_runtest_logreport(report=report)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
 
     # ----- measuring -----
 
