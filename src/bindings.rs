@@ -4,8 +4,8 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::scope::{Measurement, Scope, SiteBytes};
-use crate::size;
+use crate::engine::scope::{Measurement, Scope, SiteBytes};
+use crate::model::size;
 
 /// A measurement scope: `with memgauge.measure() as m:`; the figures are read after the block.
 #[pyclass(name = "Scope", module = "memgauge._native")]
@@ -214,7 +214,7 @@ pub fn format_size(bytes: i64) -> String {
 /// The process's current RSS and its high water mark, in bytes (None where the OS does not say).
 #[pyfunction]
 pub fn rss_bytes() -> (Option<u64>, Option<u64>) {
-    let status = crate::proc::status_memory().unwrap_or_default();
+    let status = crate::engine::proc::status_memory().unwrap_or_default();
     (status.rss_bytes, status.hwm_bytes)
 }
 
@@ -223,7 +223,7 @@ pub fn rss_bytes() -> (Option<u64>, Option<u64>) {
 /// or "unchecked" before the first scope opens.
 #[pyfunction]
 pub fn site_lookup() -> &'static str {
-    crate::ffi::site_lookup()
+    crate::engine::ffi::site_lookup()
 }
 
 /// Runs the `memgauge` command line with `argv` (program name first); returns the exit code.

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::baseline::{self, Baseline};
-use crate::compare::{self, Figure, Policy};
-use crate::error::{read_text, write_atomically, write_atomically_with, Error, Result};
-use crate::render::{self, Format};
-use crate::results::{GateRecord, Head, Record, Results};
-use crate::size;
+use crate::gate::compare::{self, Figure, Policy};
+use crate::gate::render::{self, Format};
+use crate::model::baseline::{self, Baseline};
+use crate::model::error::{read_text, write_atomically, write_atomically_with, Error, Result};
+use crate::model::results::{GateRecord, Head, Record, Results};
+use crate::model::size;
 use crate::timeline;
 
 /// How the command ended; the process exits with its code.
@@ -487,7 +487,7 @@ fn run_report(args: ReportArgs, settings: &Settings) -> Result<ExitStatus> {
         let run = args.run.as_deref().map(timeline::Run::load).transpose()?;
         let svg = run.as_ref().map(|run| timeline::svg(run, &run.title()));
         let title = format!("memgauge report: {}", results_path.display());
-        crate::html::report(&results, comparison.as_ref(), svg.as_deref(), &title)
+        crate::gate::html::report(&results, comparison.as_ref(), svg.as_deref(), &title)
     } else {
         render::results(&results, args.format)
     };

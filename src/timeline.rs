@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::error::{read_text, Error, Result};
-use crate::render::xml_escape as escape;
+use crate::gate::render::xml_escape as escape;
+use crate::model::error::{read_text, Error, Result};
 
 /// The environment variable that tells the pytest plugin where to write test spans.
 pub const RUN_FILE_ENV: &str = "MEMGAUGE_RUN_FILE";
@@ -98,7 +98,7 @@ impl Sampler {
     fn refresh(&mut self) {
         let mut pids = vec![self.root];
         if self.include_children {
-            pids.extend(crate::proc::descendants(self.root));
+            pids.extend(crate::engine::proc::descendants(self.root));
         }
         self.files.retain(|(pid, _)| pids.contains(pid));
         for pid in pids {
@@ -119,13 +119,13 @@ impl Sampler {
         if due {
             self.refresh();
         }
-        let page = crate::ffi::page_size();
+        let page = crate::engine::ffi::page_size();
         let mut entries = String::new();
         let mut gone = Vec::new();
         for (pid, file) in &mut self.files {
             // A process that exited but is not reaped yet reads as 0 pages: it is gone.
-            let text = crate::proc::read_from_start(file).ok();
-            let bytes = text.and_then(|text| crate::proc::parse_statm(&text, page));
+            let text = crate::engine::proc::read_from_start(file).ok();
+            let bytes = text.and_then(|text| crate::engine::proc::parse_statm(&text, page));
             match bytes.filter(|&bytes| bytes > 0) {
                 Some(bytes) => {
                     let comma = if entries.is_empty() { "" } else { "," };
@@ -164,7 +164,7 @@ pub fn record(options: &RunOptions) -> Result<i32> {
     let absolute = std::path::absolute(path).unwrap_or_else(|_| path.clone());
     let started = unix_now();
     let clock = Instant::now();
-    let cpu_before = crate::ffi::own_cpu_seconds();
+    let cpu_before = crate::engine::ffi::own_cpu_seconds();
     let mut child = Command::new(program)
         .args(args)
         .env(RUN_FILE_ENV, &absolute)
@@ -219,7 +219,7 @@ pub fn record(options: &RunOptions) -> Result<i32> {
         }
     };
     let code = exit_code(status);
-    let cpu = match (cpu_before, crate::ffi::own_cpu_seconds()) {
+    let cpu = match (cpu_before, crate::engine::ffi::own_cpu_seconds()) {
         (Some(before), Some(after)) => Some(after - before),
         _ => None,
     };

@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use pyo3::prelude::*;
 
-use crate::ffi::{self, SiteLocation};
-use crate::rss;
-use crate::tracker::{FastMap, SiteId, TrackerError};
+use crate::engine::ffi::{self, SiteLocation};
+use crate::engine::rss;
+use crate::engine::tracker::{FastMap, SiteId, TrackerError};
 
 /// A `file:line` and the bytes it held at the scope's peak.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +47,7 @@ pub struct Scope {
 
 /// The OS ids of the threads running now: the ones a new scope does not follow.
 fn running_threads(py: Python<'_>) -> Vec<u64> {
-    if let Some(ids) = crate::proc::thread_ids() {
+    if let Some(ids) = crate::engine::proc::thread_ids() {
         return ids;
     }
     // Without /proc, Python's own list of threads is what there is.

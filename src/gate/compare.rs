@@ -4,49 +4,9 @@ use serde::Serialize;
 
 use std::collections::BTreeMap;
 
-use crate::baseline::{Baseline, Entry, Thresholds, FIGURES};
-use crate::results::{Record, Results, Site};
-
-/// A figure that can be gated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Figure {
-    Peak,
-    Leaked,
-    Rss,
-    Allocations,
-}
-
-impl Figure {
-    pub const ALL: [Figure; 4] = [
-        Figure::Peak,
-        Figure::Leaked,
-        Figure::Rss,
-        Figure::Allocations,
-    ];
-
-    pub fn key(self) -> &'static str {
-        FIGURES[self as usize].0
-    }
-
-    pub fn name(self) -> &'static str {
-        FIGURES[self as usize].1
-    }
-
-    pub fn parse(name: &str) -> Option<Figure> {
-        let name = name.trim();
-        Figure::ALL
-            .into_iter()
-            .find(|f| f.name() == name || f.key() == name)
-    }
-
-    pub fn is_bytes(self) -> bool {
-        self != Figure::Allocations
-    }
-
-    pub fn value(self, record: &impl Record) -> Option<u64> {
-        record.figure(self)
-    }
-}
+use crate::model::baseline::{Baseline, Entry, Thresholds};
+pub use crate::model::figure::Figure;
+use crate::model::results::{Record, Results, Site};
 
 /// How much a figure may grow before it is a regression.
 #[derive(Debug, Clone)]
@@ -168,7 +128,7 @@ impl<'a> Comparison<'a> {
         let Some(rows) = self.sites.get_mut(test) else {
             return;
         };
-        for site in &crate::baseline::significant_sites(current.to_vec(), peak) {
+        for site in &crate::model::baseline::significant_sites(current.to_vec(), peak) {
             match rows
                 .iter_mut()
                 .find(|row| row.file == site.file && row.function == site.function)
@@ -208,7 +168,7 @@ impl<'a> Comparison<'a> {
         }
         let figures = Figure::ALL.map(|figure| {
             let base = entry.and_then(|e| e.figures[figure as usize]);
-            (figure.key(), base, record.and_then(|r| figure.value(r)))
+            (figure.key(), base, record.and_then(|r| r.figure(figure)))
         });
         self.verdicts.push(Verdict {
             test,
@@ -237,7 +197,7 @@ pub fn compare<'a, R: Record>(
     let figures = baseline.figures_for(environment).unwrap_or(environment);
     let (pairs, missing) = pair(results, baseline, figures);
     for (id, record, entry) in pairs {
-        let current = |figure: Figure| figure.value(record);
+        let current = |figure: Figure| record.figure(figure);
         let measured = record.figure(Figure::Peak).is_some();
         let (Some((thresholds, entry)), true) = (entry, measured) else {
             let entry = entry.map(|(_, entry)| entry);
@@ -335,7 +295,7 @@ fn pair<'a, R>(
     baseline: &'a Baseline,
     environment: &str,
 ) -> (Vec<Pair<'a, R>>, Vec<(&'a String, &'a Entry)>) {
-    let in_environment = |(id, test): (&'a String, &'a crate::baseline::Test)| {
+    let in_environment = |(id, test): (&'a String, &'a crate::model::baseline::Test)| {
         let entry = test.environments.get(environment)?;
         Some((id, (&test.thresholds, entry)))
     };
@@ -369,7 +329,7 @@ fn pair<'a, R>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{GateRecord, TestRecord};
+    use crate::model::results::{GateRecord, TestRecord};
     use std::path::Path;
 
     fn sample<R: Record>(peak_a: u64, peak_b: u64) -> Results<R> {

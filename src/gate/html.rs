@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::compare::{Comparison, Status};
-use crate::render::xml_escape as escape;
-use crate::results::{Results, TestRecord};
-use crate::size::{format_signed_size, format_size};
+use crate::gate::compare::{Comparison, Status};
+use crate::gate::render::xml_escape as escape;
+use crate::model::results::{Results, TestRecord};
+use crate::model::size::{format_signed_size, format_size};
 
 const STYLE: &str = r#"
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }

@@ -13,9 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::error::{Error, Result};
-use crate::results::{GateRecord, Results, Site};
-use crate::size;
+use crate::model::error::{Error, Result};
+pub use crate::model::figure::FIGURES;
+use crate::model::results::{GateRecord, Results, Site};
+use crate::model::size;
 
 pub const SCHEMA: i64 = 2;
 /// The layout before environments: read, never written.
@@ -60,14 +61,6 @@ fn portable_file(file: &str) -> &str {
     .min_by_key(|rest| rest.len())
     .unwrap_or(file)
 }
-
-/// The figures a baseline records, in file order: (key, short name for --gate).
-pub const FIGURES: [(&str, &str); 4] = [
-    ("peak_bytes", "peak"),
-    ("leaked_bytes", "leaked"),
-    ("rss_peak_bytes", "rss"),
-    ("allocations", "allocations"),
-];
 
 /// A tolerance (relative) and a floor (absolute) as written in the file, both optional.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::proc;
+use crate::engine::proc;
 
 /// What the RSS did during one window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

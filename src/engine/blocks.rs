@@ -15,7 +15,7 @@
 //! (8 bytes per 16); a hash entry per small block costs about as much. When the last scope
 //! closes, the blocks are forgotten and a few leaves stay, cleaned, for the next scope.
 
-use crate::tracker::{slots, Block, ScopeMask, SiteId, MAX_SCOPES, NATIVE_SITE};
+use crate::engine::tracker::{slots, Block, ScopeMask, SiteId, MAX_SCOPES, NATIVE_SITE};
 
 #[derive(Clone, Copy)]
 struct Slot {

@@ -17,7 +17,7 @@ use super::domains::{install_pymem_hooks, uninstall_pymem_hooks};
 use super::frames;
 use super::numpy::{patch_numpy, unpatch_numpy};
 use super::sites::SiteTable;
-use crate::tracker::{Membership, ScopeMask, Tracker, NATIVE_SITE};
+use crate::engine::tracker::{Membership, ScopeMask, Tracker, NATIVE_SITE};
 
 #[derive(Default)]
 pub(crate) struct Engine {

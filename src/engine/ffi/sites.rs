@@ -13,7 +13,7 @@ use super::engine::SITES_FRAMES;
 use super::engine::{engine, untraced, SITES, SITES_NONE};
 #[cfg(read_frames)]
 use super::frames;
-use crate::tracker::{FastMap, SiteId, NATIVE_SITE};
+use crate::engine::tracker::{FastMap, SiteId, NATIVE_SITE};
 
 /// An allocation site before it is resolved to `file:line`: a code object (a strong
 /// reference, so its address is not reused while the table holds it) and an offset, the

@@ -108,7 +108,7 @@ mod os {
 
     pub fn resident_bytes() -> Option<u64> {
         let text = with_own(|own| read_from_start(&mut own.statm)).ok()?;
-        parse_statm(&text, crate::ffi::page_size())
+        parse_statm(&text, crate::engine::ffi::page_size())
     }
 
     pub fn reset_peak_resident() -> io::Result<()> {

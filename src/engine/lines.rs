@@ -1,7 +1,7 @@
 //! The line profiler's engine: per line of the profiled functions, the net traced bytes it
 //! added, the highest traced memory reached while it ran, how often it ran and the RSS after it.
 //!
-//! Line events come from a C trace function (`PyEval_SetTrace`, see [`crate::ffi::set_trace`]);
+//! Line events come from a C trace function (`PyEval_SetTrace`, see [`crate::engine::ffi::set_trace`]);
 //! events of code that is not profiled return at the first lookup. The traced figures come from
 //! a scope that follows every thread: at each event of a profiled frame, the scope's high water
 //! mark since the previous event is folded into every line still running (a caller's line runs
@@ -14,9 +14,9 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::PyCode;
 
-use crate::ffi::{self, TraceFrame, TraceKind};
-use crate::scope::Scope;
-use crate::tracker::FastMap;
+use crate::engine::ffi::{self, TraceFrame, TraceKind};
+use crate::engine::scope::Scope;
+use crate::engine::tracker::FastMap;
 
 /// RSS is read again when the traced memory moved by [`RSS_MOVE`] since the last read, or after
 /// [`RSS_EVERY`]: a read costs a few microseconds, more than a short line. The clock is looked
@@ -134,7 +134,7 @@ impl Rss {
             || (self.events % CLOCK_EVERY == 0
                 && self.read_at.is_some_and(|at| at.elapsed() >= RSS_EVERY));
         if due {
-            self.bytes = crate::proc::resident_bytes();
+            self.bytes = crate::engine::proc::resident_bytes();
             self.read_at = Some(Instant::now());
             self.live_at_read = live;
         }

@@ -3,9 +3,9 @@
 
 use std::fmt::Write as _;
 
-use crate::compare::{Change, Comparison, SiteRow, Status};
-use crate::results::Results;
-use crate::size::{format_signed_size, format_size, push_number};
+use crate::gate::compare::{Change, Comparison, SiteRow, Status};
+use crate::model::results::Results;
+use crate::model::size::{format_signed_size, format_size, push_number};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -409,7 +409,7 @@ pub fn results(results: &Results, format: Format) -> String {
     rows.sort_by(|a, b| b.1.peak_bytes.cmp(&a.1.peak_bytes).then(a.0.cmp(b.0)));
     let show = |v: Option<u64>| v.map_or("n/a".to_owned(), format_size);
     match format {
-        Format::Html => crate::html::report(results, None, None, "memgauge report"),
+        Format::Html => crate::gate::html::report(results, None, None, "memgauge report"),
         Format::Json => {
             let mut text = serde_json::to_string_pretty(results).expect("results serialize");
             text.push('\n');

@@ -14,7 +14,7 @@ use super::engine::{ENGINE, FAST, HAS_PENDING};
 #[cfg(read_frames)]
 use super::frames;
 use super::sites::current_site;
-use crate::tracker::{Membership, ScopeMask};
+use crate::engine::tracker::{Membership, ScopeMask};
 
 #[inline(always)]
 fn record_alloc(caller: Caller, address: *mut c_void, size: usize) {

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::blocks::{self, Blocks};
+use crate::engine::blocks::{self, Blocks};
 
 /// How many scopes may be open at once (one bit each in a block's scope mask).
 pub const MAX_SCOPES: usize = 32;

@@ -1,7 +1,7 @@
 //! Everything unsafe lives here: the CPython allocator hooks, the NumPy data-allocator patch, the
 //! frame lookups that attribute an allocation to a line, and the few OS calls.
 //!
-//! The hooks wrap the allocators that were installed before them and feed [`Tracker`](crate::tracker::Tracker). Rules
+//! The hooks wrap the allocators that were installed before them and feed [`Tracker`](crate::engine::tracker::Tracker). Rules
 //! that keep them correct:
 //! - A "busy" flag is held while a hook calls the original allocator, so nested calls
 //!   (pymalloc hands requests over 512 bytes to the raw domain; a frame lookup through the

@@ -6,8 +6,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::compare::Figure;
-use crate::error::{read_text, write_atomically, Error, Result};
+use crate::model::error::{read_text, write_atomically, Error, Result};
+use crate::model::figure::Figure;
 
 pub const SCHEMA: u64 = 1;
 /// The environment of results that name none.
