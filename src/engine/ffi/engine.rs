@@ -76,6 +76,27 @@ impl<T> SpinLock<T> {
     }
 }
 
+/// A fork copies the process with only the forking thread: had another thread held [`PENDING`]'s
+/// lock at that moment (mid-push, the queue half-written), the child would spin on it forever at
+/// its next use of the engine. Before a fork the forking thread takes the lock, so that no one is
+/// inside the queue, and after it the parent and the child each let it go: the child's queue is
+/// whole, and its events, about memory the child has a copy of, still hold.
+#[cfg(unix)]
+fn handle_forks() {
+    extern "C" fn prepare() {
+        std::mem::forget(PENDING.lock());
+    }
+    extern "C" fn after() {
+        PENDING.locked.store(false, Release);
+    }
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: the handlers touch only the lock, an atomic, and take no other lock.
+        let status = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(after)) };
+        debug_assert_eq!(status, 0, "pthread_atfork");
+    });
+}
+
 impl<T> Deref for SpinGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {
@@ -418,6 +439,8 @@ pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -
             #[cfg(Py_3_12)]
             // SAFETY: the token says the GIL is held.
             MAIN_INTERPRETER.store(unsafe { ffi::PyInterpreterState_Main() }, Relaxed);
+            #[cfg(unix)]
+            handle_forks();
             install_pymem_hooks(py);
             patch_numpy(py);
         }
