@@ -112,6 +112,18 @@ fn numpy_default_handler(py: Python<'_>) -> Option<*mut DataHandler> {
     (name == c"default_allocator" && version == 1).then_some(handler)
 }
 
+/// A function pointer slot of NumPy's handler as an atomic: NumPy calls the handler on threads
+/// without the GIL, so it is read while we write it, and each write must be one store.
+///
+/// # Safety
+/// `slot` points at a live, aligned `Option<fn>`, which has a pointer's layout (a null pointer
+/// for `None`), as `AtomicUsize` has.
+unsafe fn slot<'a, F>(slot: *mut Option<F>) -> &'a AtomicUsize {
+    const { assert!(std::mem::size_of::<Option<F>>() == std::mem::size_of::<usize>()) };
+    // SAFETY: as the caller promises.
+    unsafe { AtomicUsize::from_ptr(slot.cast()) }
+}
+
 pub(super) fn patch_numpy(py: Python<'_>) {
     if !NUMPY_HANDLER.load(Relaxed).is_null() {
         return;
@@ -119,22 +131,31 @@ pub(super) fn patch_numpy(py: Python<'_>) {
     let Some(handler) = numpy_default_handler(py) else {
         return;
     };
-    // SAFETY: `handler` is NumPy's writable global default handler; the GIL is held, and
-    // pointer-sized stores are atomic, so an allocation on another thread sees either the
-    // original function or the wrapper, both of which work.
+    // SAFETY: `handler` is NumPy's writable global default handler, and each slot is a
+    // pointer-sized, aligned function pointer (see `slot`).
     unsafe {
-        let allocator = &mut (*handler).allocator;
-        NUMPY_ORIGINAL[0].store(allocator.malloc.map_or(0, |f| f as usize), Relaxed);
-        NUMPY_ORIGINAL[1].store(allocator.calloc.map_or(0, |f| f as usize), Relaxed);
-        NUMPY_ORIGINAL[2].store(allocator.realloc.map_or(0, |f| f as usize), Relaxed);
-        NUMPY_ORIGINAL[3].store(allocator.free.map_or(0, |f| f as usize), Relaxed);
+        let allocator = std::ptr::addr_of_mut!((*handler).allocator);
+        let slots = [
+            slot(std::ptr::addr_of_mut!((*allocator).malloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).calloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).realloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).free)),
+        ];
+        for (original, slot) in NUMPY_ORIGINAL.iter().zip(&slots) {
+            original.store(slot.load(Acquire), Relaxed);
+        }
         if NUMPY_ORIGINAL.iter().any(|f| f.load(Relaxed) == 0) {
             return;
         }
-        allocator.malloc = Some(numpy_malloc);
-        allocator.calloc = Some(numpy_calloc);
-        allocator.realloc = Some(numpy_realloc);
-        allocator.free = Some(numpy_free);
+        let wrappers = [
+            numpy_malloc as MallocFn as usize,
+            numpy_calloc as CallocFn as usize,
+            numpy_realloc as ReallocFn as usize,
+            numpy_free as extern "C" fn(*mut c_void, *mut c_void, usize) as usize,
+        ];
+        for (slot, wrapper) in slots.iter().zip(wrappers) {
+            slot.store(wrapper, Release);
+        }
     }
     NUMPY_HANDLER.store(handler, Relaxed);
 }
@@ -146,11 +167,16 @@ pub(super) fn unpatch_numpy(_py: Python<'_>) {
     }
     // SAFETY: as in `patch_numpy`; this restores the functions saved there.
     unsafe {
-        let allocator = &mut (*handler).allocator;
-        allocator.malloc = Some(numpy_original(0));
-        allocator.calloc = Some(numpy_original(1));
-        allocator.realloc = Some(numpy_original(2));
-        allocator.free = Some(numpy_original(3));
+        let allocator = std::ptr::addr_of_mut!((*handler).allocator);
+        let slots = [
+            slot(std::ptr::addr_of_mut!((*allocator).malloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).calloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).realloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).free)),
+        ];
+        for (slot, original) in slots.iter().zip(&NUMPY_ORIGINAL) {
+            slot.store(original.load(Relaxed), Release);
+        }
     }
 }
 
