@@ -1,7 +1,7 @@
 # One entry point: the README, CI and .ci/run call these targets.
 PYTHON ?= python3
 
-.PHONY: install native browser test lint demo bench versions
+.PHONY: install native browser test test-debug lint demo bench versions
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[test]"
@@ -26,6 +26,22 @@ browser:
 test: install browser lint
 	cargo test --quiet
 	MEMGAUGE_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q -p no:cacheprovider
+
+# The engine's tests against a debug build of the extension, so that its debug_assert!s run
+# (the release build and `cargo test`, without the Python feature, skip them). A copy of the
+# package with the debug build goes first on PYTHONPATH; the editable install is left alone.
+# Slower than `make test`, and not part of it: CI runs it as a job of its own.
+DEBUG_PACKAGE := target/debug-package
+test-debug: install
+	cargo rustc --quiet --features python --lib --crate-type cdylib
+	rm -rf $(DEBUG_PACKAGE) && mkdir -p $(DEBUG_PACKAGE)
+	cp -r pytest_plugin/memgauge $(DEBUG_PACKAGE)/
+	rm -f $(DEBUG_PACKAGE)/memgauge/_native*.so
+	cp target/debug/libmemgauge.so \
+	  $(DEBUG_PACKAGE)/memgauge/_native$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+	PYTHONPATH=$(DEBUG_PACKAGE) $(PYTHON) -c 'import memgauge, sys; assert "$(DEBUG_PACKAGE)" in memgauge.__file__, memgauge.__file__'
+	PYTHONPATH=$(DEBUG_PACKAGE) $(PYTHON) -m pytest -q -p no:cacheprovider \
+	  tests/test_engine.py tests/test_profile.py tests/test_determinism.py tests/test_plugin.py
 
 lint:
 	cargo fmt --all -- --check
