@@ -49,6 +49,7 @@ lint:
 	cargo clippy --quiet --all-targets --features python -- -D warnings
 	$(PYTHON) -m ruff check pytest_plugin tests bench examples
 	$(PYTHON) -m ruff format --check pytest_plugin tests bench examples
+	$(PYTHON) -m mypy.stubtest memgauge._native --allowlist tests/stubtest_allowlist.txt
 
 # The main job on the example suite: measure every test, then gate against the committed baseline.
 demo: install

@@ -1,6 +1,18 @@
 from types import CodeType, TracebackType
 from typing import TypedDict
 
+from typing_extensions import Self, final
+
+__all__ = [
+    "LineTracer",
+    "Scope",
+    "__version__",
+    "cli_main",
+    "format_size",
+    "parse_size",
+    "rss_bytes",
+    "site_lookup",
+]
 __version__: str
 
 class Site(TypedDict):
@@ -9,10 +21,11 @@ class Site(TypedDict):
     function: str
     bytes: int
 
+@final
 class Scope:
     """A measurement scope; figures are readable once it is stopped."""
 
-    def __init__(self, top_sites: int = 10, *, apart: bool = False) -> None: ...
+    def __new__(cls, top_sites: int = 10, *, apart: bool = False) -> Self: ...
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def __enter__(self) -> Scope: ...
@@ -46,10 +59,11 @@ class Scope:
     def leak_sites(self) -> list[Site]: ...
     def to_dict(self) -> dict[str, object]: ...
 
+@final
 class LineTracer:
     """The Rust half of memgauge.LineProfiler: line events and per-line figures."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     def add_code(self, code: CodeType) -> None: ...
     @property
     def enabled(self) -> bool: ...
