@@ -124,6 +124,23 @@ unsafe fn slot<'a, F>(slot: *mut Option<F>) -> &'a AtomicUsize {
     unsafe { AtomicUsize::from_ptr(slot.cast()) }
 }
 
+/// The handler's four function slots, in [`NUMPY_ORIGINAL`]'s order, as atomics.
+///
+/// # Safety
+/// `handler` is NumPy's live default handler (see [`numpy_default_handler`]).
+unsafe fn slots<'a>(handler: *mut DataHandler) -> [&'a AtomicUsize; 4] {
+    // SAFETY: as the caller promises; each field is an aligned `Option<fn>` (see `slot`).
+    unsafe {
+        let allocator = std::ptr::addr_of_mut!((*handler).allocator);
+        [
+            slot(std::ptr::addr_of_mut!((*allocator).malloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).calloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).realloc)),
+            slot(std::ptr::addr_of_mut!((*allocator).free)),
+        ]
+    }
+}
+
 pub(super) fn patch_numpy(py: Python<'_>) {
     if !NUMPY_HANDLER.load(Relaxed).is_null() {
         return;
@@ -131,31 +148,22 @@ pub(super) fn patch_numpy(py: Python<'_>) {
     let Some(handler) = numpy_default_handler(py) else {
         return;
     };
-    // SAFETY: `handler` is NumPy's writable global default handler, and each slot is a
-    // pointer-sized, aligned function pointer (see `slot`).
-    unsafe {
-        let allocator = std::ptr::addr_of_mut!((*handler).allocator);
-        let slots = [
-            slot(std::ptr::addr_of_mut!((*allocator).malloc)),
-            slot(std::ptr::addr_of_mut!((*allocator).calloc)),
-            slot(std::ptr::addr_of_mut!((*allocator).realloc)),
-            slot(std::ptr::addr_of_mut!((*allocator).free)),
-        ];
-        for (original, slot) in NUMPY_ORIGINAL.iter().zip(&slots) {
-            original.store(slot.load(Acquire), Relaxed);
-        }
-        if NUMPY_ORIGINAL.iter().any(|f| f.load(Relaxed) == 0) {
-            return;
-        }
-        let wrappers = [
-            numpy_malloc as MallocFn as usize,
-            numpy_calloc as CallocFn as usize,
-            numpy_realloc as ReallocFn as usize,
-            numpy_free as extern "C" fn(*mut c_void, *mut c_void, usize) as usize,
-        ];
-        for (slot, wrapper) in slots.iter().zip(wrappers) {
-            slot.store(wrapper, Release);
-        }
+    // SAFETY: `handler` is NumPy's live, writable default handler.
+    let slots = unsafe { slots(handler) };
+    for (original, slot) in NUMPY_ORIGINAL.iter().zip(slots) {
+        original.store(slot.load(Acquire), Relaxed);
+    }
+    if NUMPY_ORIGINAL.iter().any(|f| f.load(Relaxed) == 0) {
+        return;
+    }
+    let wrappers = [
+        numpy_malloc as MallocFn as usize,
+        numpy_calloc as CallocFn as usize,
+        numpy_realloc as ReallocFn as usize,
+        numpy_free as extern "C" fn(*mut c_void, *mut c_void, usize) as usize,
+    ];
+    for (slot, wrapper) in slots.into_iter().zip(wrappers) {
+        slot.store(wrapper, Release);
     }
     NUMPY_HANDLER.store(handler, Relaxed);
 }
@@ -165,18 +173,10 @@ pub(super) fn unpatch_numpy(_py: Python<'_>) {
     if handler.is_null() {
         return;
     }
-    // SAFETY: as in `patch_numpy`; this restores the functions saved there.
-    unsafe {
-        let allocator = std::ptr::addr_of_mut!((*handler).allocator);
-        let slots = [
-            slot(std::ptr::addr_of_mut!((*allocator).malloc)),
-            slot(std::ptr::addr_of_mut!((*allocator).calloc)),
-            slot(std::ptr::addr_of_mut!((*allocator).realloc)),
-            slot(std::ptr::addr_of_mut!((*allocator).free)),
-        ];
-        for (slot, original) in slots.iter().zip(&NUMPY_ORIGINAL) {
-            slot.store(original.load(Relaxed), Release);
-        }
+    // SAFETY: `handler` is the handler `patch_numpy` patched; the functions saved there go back.
+    let slots = unsafe { slots(handler) };
+    for (slot, original) in slots.into_iter().zip(&NUMPY_ORIGINAL) {
+        slot.store(original.load(Relaxed), Release);
     }
 }
 
