@@ -104,7 +104,11 @@ def test_first_imports_and_regexes_are_reported_apart_in_either_order(
     assert any(what.startswith("re.compile(") for what in paid["what"])
     assert 1_000_000 < paid["leaked_bytes"] < 1_300_000
     assert paid["peak_bytes"] >= paid["leaked_bytes"]
-    assert backward["test_b.py::test_b"]["first_use"]["leaked_bytes"] == paid["leaked_bytes"]
+    # The first use itself, in the other order: the same within some bytes (the importer's
+    # caches are dicts and sets whose sizes follow the process's hash seed: 70 bytes apart seen).
+    # Reported apart, it is not gated.
+    other = backward["test_b.py::test_b"]["first_use"]["leaked_bytes"]
+    assert abs(other - paid["leaked_bytes"]) < 1024, (other, paid["leaked_bytes"])
     # What a test allocates itself is still its own.
     assert 2 * MiB <= first["peak_bytes"] < 2 * MiB + 64 * 1024
 
