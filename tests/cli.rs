@@ -762,3 +762,29 @@ fn settings_are_checked_and_their_paths_are_the_files_own() {
         stderr(&out)
     );
 }
+
+#[test]
+fn merge_keeps_the_keys_a_newer_writer_added() {
+    let dir = tempfile_dir::Dir::new();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write(
+        "one.json",
+        r#"{"schema": 1, "determinism": {"seed": 0}, "from_the_future": {"x": 1}, "tests": {"t.py::a": {"outcome": "passed", "peak_bytes": 1, "rss_sampled": true, "first_use": {"leaked_bytes": 5}}}}"#,
+    );
+    write(
+        "two.json",
+        r#"{"schema": 1, "tests": {"t.py::b": {"outcome": "passed", "peak_bytes": 2, "new_figure": 7}}}"#,
+    );
+    let out = memgauge(
+        dir.path(),
+        &["merge", "one.json", "two.json", "-o", "m.json"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let merged: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("m.json")).unwrap()).unwrap();
+    assert_eq!(merged["tests"]["t.py::a"]["rss_sampled"], true);
+    assert_eq!(merged["tests"]["t.py::a"]["first_use"]["leaked_bytes"], 5);
+    assert_eq!(merged["tests"]["t.py::b"]["new_figure"], 7);
+    assert_eq!(merged["determinism"]["seed"], 0);
+}
