@@ -294,17 +294,7 @@ fn empty_region() -> Box<Region> {
 /// The top table with no regions, as zeroed memory straight from the allocator: the kernel
 /// maps its pages only when they are written, so the 512 KiB cost a page per region used.
 fn empty_top() -> Box<[Option<Box<Region>>; 1 << TOP_BITS]> {
-    let layout = std::alloc::Layout::new::<[Option<Box<Region>>; 1 << TOP_BITS]>();
-    // SAFETY: the layout is the array's, and not zero-sized. All-zero bytes are an array of
-    // `None`s: `Option<Box<_>>` is guaranteed to represent `None` as the null pointer. The
-    // memory comes from the global allocator with this layout, as `Box::from_raw` needs.
-    unsafe {
-        let memory = std::alloc::alloc_zeroed(layout);
-        if memory.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Box::from_raw(memory.cast())
-    }
+    crate::engine::ffi::zeroed_nones()
 }
 
 /// Makes region `key`, in the empty place `empty`.

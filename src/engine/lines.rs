@@ -7,14 +7,13 @@
 //! mark since the previous event is folded into every line still running (a caller's line runs
 //! while its callee does), then restarted.
 
-use std::cell::{Cell, UnsafeCell};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::PyCode;
 
-use crate::engine::ffi::{self, TraceFrame, TraceKind};
+use crate::engine::ffi::{self, GilRefCell, TraceFrame, TraceKind};
 use crate::engine::scope::Scope;
 use crate::engine::tracker::FastMap;
 
@@ -151,44 +150,6 @@ pub struct LineTracer {
     state: GilRefCell<LineState>,
 }
 
-/// A value used only by the thread holding the GIL (the trace function and the tracer's
-/// methods all hold it), with a flag, not atomic, that refuses a nested use as `RefCell` does.
-/// A line event costs less than with PyO3's own borrow flag, an atomic read-modify-write.
-struct GilRefCell<T> {
-    in_use: Cell<bool>,
-    value: UnsafeCell<T>,
-}
-
-// SAFETY: the value is only reached through `with`, whose callers hold the GIL (the token
-// says so), so one thread at a time touches the flag and the value.
-unsafe impl<T: Send> Sync for GilRefCell<T> {}
-
-impl<T> GilRefCell<T> {
-    fn new(value: T) -> Self {
-        GilRefCell {
-            in_use: Cell::new(false),
-            value: UnsafeCell::new(value),
-        }
-    }
-
-    /// Runs `f` on the value, or returns None when it is in use further up this thread.
-    fn with<R>(&self, _py: Python<'_>, f: impl FnOnce(&mut T) -> R) -> Option<R> {
-        if self.in_use.replace(true) {
-            return None;
-        }
-        /// Clears the flag when `f` returns or unwinds.
-        struct Release<'a>(&'a Cell<bool>);
-        impl Drop for Release<'_> {
-            fn drop(&mut self) {
-                self.0.set(false);
-            }
-        }
-        let _release = Release(&self.in_use);
-        // SAFETY: the GIL is held and the flag was clear, so no other reference is alive.
-        Some(f(unsafe { &mut *self.value.get() }))
-    }
-}
-
 /// What the tracer knows: the profiled code, the running frames and the statistics.
 struct LineState {
     /// Indexes into [`LineState::codes`] by code object address.
@@ -277,8 +238,10 @@ impl LineState {
 }
 
 fn handle(py: Python<'_>, tracer: &Bound<'_, PyAny>, kind: TraceKind, frame: TraceFrame<'_>) {
-    // SAFETY: this handler is only ever installed with a LineTracer (see `enable`).
-    let tracer = unsafe { tracer.cast_unchecked::<LineTracer>() };
+    // Only ever installed with a LineTracer (see `enable`): the check is a type comparison.
+    let Ok(tracer) = tracer.cast::<LineTracer>() else {
+        return;
+    };
     let enabled = tracer.get().state.with(py, |state| {
         if state.scope.is_none() {
             return false;

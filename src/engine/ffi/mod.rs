@@ -1,5 +1,6 @@
-//! Everything unsafe lives here: the CPython allocator hooks, the NumPy data-allocator patch, the
-//! frame lookups that attribute an allocation to a line, and the few OS calls.
+//! Everything unsafe in the crate lives here: the CPython allocator hooks, the NumPy
+//! data-allocator patch, the frame lookups that attribute an allocation to a line, the cell the
+//! line profiler keeps its state in (`gil_cell`), zeroed tables, and the few OS calls.
 //!
 //! The hooks wrap the allocators that were installed before them and feed [`Tracker`](crate::engine::tracker::Tracker). Rules
 //! that keep them correct:
@@ -30,6 +31,8 @@ mod engine;
 #[cfg(all(feature = "python", read_frames))]
 mod frames;
 #[cfg(feature = "python")]
+mod gil_cell;
+#[cfg(feature = "python")]
 mod hooks;
 #[cfg(feature = "python")]
 mod numpy;
@@ -43,6 +46,8 @@ pub use engine::{site_lookup, untraced};
 #[cfg(feature = "python")]
 pub(crate) use engine::{with_engine, with_tracker};
 #[cfg(feature = "python")]
+pub(crate) use gil_cell::GilRefCell;
+#[cfg(feature = "python")]
 pub use numpy::numpy_traced;
 #[cfg(feature = "python")]
 pub use sites::SiteLocation;
@@ -50,6 +55,23 @@ pub use sites::SiteLocation;
 pub(crate) use sites::{locate_sites, release_sites_if_idle};
 #[cfg(feature = "python")]
 pub use trace::{python_thread_key, set_trace, TraceFrame, TraceHandler, TraceKind};
+
+/// An array of `None`s in zeroed memory straight from the global allocator: the kernel maps its
+/// pages only when they are written, so a large, sparse table costs only the pages it uses.
+pub(crate) fn zeroed_nones<T, const N: usize>() -> Box<[Option<Box<T>>; N]> {
+    let layout = std::alloc::Layout::new::<[Option<Box<T>>; N]>();
+    assert!(layout.size() > 0, "an empty table needs no zeroed memory");
+    // SAFETY: the layout is the array's, and not zero-sized. All-zero bytes are an array of
+    // `None`s: `Option<Box<_>>` is guaranteed to represent `None` as the null pointer. The
+    // memory comes from the global allocator with this layout, as `Box::from_raw` needs.
+    unsafe {
+        let memory = std::alloc::alloc_zeroed(layout);
+        if memory.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Box::from_raw(memory.cast())
+    }
+}
 
 /// The size of a memory page, for turning page counts into bytes.
 pub fn page_size() -> u64 {
