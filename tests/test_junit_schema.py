@@ -93,3 +93,35 @@ def test_the_schema_rejects_what_reporters_reject():
     bad_count = '<testsuites><testsuite name="s" tests="-1"/></testsuites>'
     for document in (two_outcomes, no_name, bad_count):
         assert not schema.is_valid(document), document
+
+
+def test_a_matrix_gives_one_valid_testsuite_per_environment(tmp_path: Path):
+    files = []
+    for key, peak in (("cp311-linux-x86_64", 1_000_000), ("cp312-darwin-arm64", 9_000_000)):
+        results = {
+            "schema": 1,
+            "environment": {"key": key},
+            "tests": {"tests/t.py::test_a": record(peak)},
+        }
+        (tmp_path / f"{key}.json").write_text(json.dumps(results))
+        files.append(f"{key}.json")
+    (tmp_path / "b.toml").write_text(
+        'schema = 2\n\n[tests."tests/t.py::test_a"."cp311-linux-x86_64"]\npeak_bytes = 1000000\n'
+        '\n[tests."tests/t.py::test_a"."cp312-darwin-arm64"]\npeak_bytes = 1000000\n'
+    )
+    command = [sys.executable, "-m", "memgauge", "compare", *files]
+    done = subprocess.run(
+        [*command, "--baseline", "b.toml", "--junit", "junit.xml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    schema = xmlschema.XMLSchema(SCHEMA)
+    schema.validate(tmp_path / "junit.xml")
+    suites = schema.to_dict(tmp_path / "junit.xml")["testsuite"]
+    assert [(s["@name"], s["@failures"]) for s in suites] == [
+        ("memgauge cp311-linux-x86_64", 0),
+        ("memgauge cp312-darwin-arm64", 1),
+    ]
