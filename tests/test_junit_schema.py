@@ -48,6 +48,28 @@ BASELINE = {
 }
 
 
+def compare_to_junit(directory: Path, *results: str) -> None:
+    """`memgauge compare RESULTS... --baseline b.toml --junit junit.xml`: a regression."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memgauge",
+            "compare",
+            *results,
+            "--baseline",
+            "b.toml",
+            "--junit",
+            "junit.xml",
+        ],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+
+
 def test_compare_junit_validates_against_the_schema(tmp_path: Path):
     (tmp_path / "results.json").write_text(json.dumps(RESULTS))
     toml = ["schema = 1", ""]
@@ -55,24 +77,7 @@ def test_compare_junit_validates_against_the_schema(tmp_path: Path):
         key = json.dumps(test)  # a JSON string is a TOML basic string
         toml += [f"[tests.{key}]", f"peak_bytes = {peak}", "leaked_bytes = 0", ""]
     (tmp_path / "b.toml").write_text("\n".join(toml))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "memgauge",
-            "compare",
-            "results.json",
-            "--baseline",
-            "b.toml",
-            "--junit",
-            "junit.xml",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 1, done.stdout + done.stderr
+    compare_to_junit(tmp_path, "results.json")
     schema = xmlschema.XMLSchema(SCHEMA)
     junit = tmp_path / "junit.xml"
     schema.validate(junit)
@@ -109,15 +114,7 @@ def test_a_matrix_gives_one_valid_testsuite_per_environment(tmp_path: Path):
         'schema = 2\n\n[tests."tests/t.py::test_a"."cp311-linux-x86_64"]\npeak_bytes = 1000000\n'
         '\n[tests."tests/t.py::test_a"."cp312-darwin-arm64"]\npeak_bytes = 1000000\n'
     )
-    command = [sys.executable, "-m", "memgauge", "compare", *files]
-    done = subprocess.run(
-        [*command, "--baseline", "b.toml", "--junit", "junit.xml"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 1, done.stdout + done.stderr
+    compare_to_junit(tmp_path, *files)
     schema = xmlschema.XMLSchema(SCHEMA)
     schema.validate(tmp_path / "junit.xml")
     suites = schema.to_dict(tmp_path / "junit.xml")["testsuite"]
