@@ -1,7 +1,7 @@
 # One entry point: the README, CI and .ci/run call these targets.
 PYTHON ?= python3
 
-.PHONY: install native browser test test-debug lint demo bench versions
+.PHONY: install native wheel browser test test-debug lint demo bench versions
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[test]"
@@ -14,6 +14,20 @@ native:
 	cp target/release/libmemgauge.so \
 	  pytest_plugin/memgauge/_native$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
+# The Linux wheel, as `pip install memgauge` would get it: built with debug info stripped, its
+# manylinux tag checked by auditwheel, its size and contents printed. tests/test_wheel.py
+# installs it into a fresh virtual environment with no Rust on PATH. Its own target directory:
+# the stripped build would otherwise rebuild, and be rebuilt by, the editable install.
+wheel:
+	rm -rf dist
+	CARGO_TARGET_DIR=target/wheel $(PYTHON) -m maturin build --quiet --release --strip --out dist
+	$(PYTHON) -m pip install --quiet "auditwheel>=6" "twine>=5"
+	$(PYTHON) -m auditwheel show dist/*.whl
+	$(PYTHON) -m twine check --strict dist/*.whl
+	@$(PYTHON) -c 'import glob, os, zipfile; w = glob.glob("dist/*.whl")[0]; \
+	  print(f"{w}: {os.path.getsize(w) / 2**20:.2f} MiB"); \
+	  [print(f"  {i.file_size:>10}  {i.filename}") for i in zipfile.ZipFile(w).infolist()]'
+
 # Headless Chromium (Debian's package) for the HTML report's browser test.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -23,7 +37,7 @@ browser:
 	  echo "memgauge: could not install chromium (needs root and apt-get)"
 
 # Every test: Rust unit and integration tests, the Python suite, and the linters.
-test: install browser lint
+test: install wheel browser lint
 	cargo test --quiet
 	MEMGAUGE_REQUIRE_BROWSER=1 $(PYTHON) -m pytest -q -p no:cacheprovider
 
