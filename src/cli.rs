@@ -290,20 +290,21 @@ struct ReportArgs {
 /// Every key of `[tool.memgauge]`, the plugin's and the gate's, defined once for both.
 const OPTIONS_TOML: &str = include_str!("../pytest_plugin/memgauge/options.toml");
 
-/// The keys `options.toml` defines, in its order.
+/// `options.toml`, parsed once.
+fn options() -> &'static toml::Table {
+    static OPTIONS: std::sync::LazyLock<toml::Table> =
+        std::sync::LazyLock::new(|| OPTIONS_TOML.parse().expect("options.toml is TOML"));
+    &OPTIONS
+}
+
+/// The keys `options.toml` defines.
 fn option_keys() -> Vec<&'static str> {
-    // Its tables' headers, `[name]`, each on a line of its own (the test below checks the file
-    // parses as TOML to the same keys).
-    OPTIONS_TOML
-        .lines()
-        .filter_map(|line| line.strip_prefix('[')?.strip_suffix(']'))
-        .collect()
+    options().keys().map(String::as_str).collect()
 }
 
 /// The option `options.toml` gives `key` as its default.
-fn option_default(key: &str) -> Option<toml::Value> {
-    let table: toml::Table = OPTIONS_TOML.parse().expect("options.toml is TOML");
-    table.get(key)?.get("default").cloned()
+fn option_default(key: &str) -> Option<&'static toml::Value> {
+    options().get(key)?.get("default")
 }
 
 /// The known key nearest to `key` (edit distance at most a third of its length), for a hint.

@@ -71,7 +71,10 @@ def pytest_configure(config: pytest.Config) -> None:
         settings = Settings.load(config)
     except ValueError as error:
         raise pytest.UsageError(f"memgauge: {error}") from None
-    config.pluginmanager.register(MemgaugePlugin(config, settings), "memgauge-plugin")
+    plugin = MemgaugePlugin(config, settings)
+    config.pluginmanager.register(plugin, "memgauge-plugin")
+    if settings.scope == "all":
+        config.pluginmanager.register(OneOutcome(plugin.limits), "memgauge-one-outcome")
 
 
 @pytest.fixture
@@ -236,6 +239,34 @@ def move_limit_failure(call: pytest.TestReport, teardown: pytest.TestReport) -> 
         del teardown.memgauge
 
 
+class OneOutcome:
+    """With ``--memprof-scope all`` a limit can only be checked once teardown has run, after
+    the call was reported as passed: a test over its limit would count as passed and failed.
+    Such tests run with their reports held back (as pytest-rerunfailures does), and an exceeded
+    limit fails the call's report, so the test has one outcome. Registered only with that scope,
+    so other runs' tests do not pass through it."""
+
+    def __init__(self, limits: dict[str, dict[str, int]]) -> None:
+        self.limits = limits
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None):
+        if item.nodeid not in self.limits:
+            return None
+        from _pytest.runner import runtestprotocol
+
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+        call = next((r for r in reports if r.when == "call"), None)
+        teardown = next((r for r in reports if r.when == "teardown"), None)
+        if call is not None and teardown is not None:
+            move_limit_failure(call, teardown)
+        for report in reports:
+            item.ihook.pytest_runtest_logreport(report=report)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+
 class MemgaugePlugin:
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
@@ -312,29 +343,6 @@ class MemgaugePlugin:
                     os.close(fd)
             except OSError as error:
                 warnings.warn(f"memgauge: cannot write to {run_file}: {error}", stacklevel=1)
-
-    # ----- one outcome for a limit checked at teardown (--memprof-scope all) -----
-
-    @pytest.hookimpl(tryfirst=True, specname="pytest_runtest_protocol")
-    def pytest_runtest_protocol_one_outcome(self, item: pytest.Item, nextitem: pytest.Item | None):
-        """With ``--memprof-scope all`` a limit can only be checked once teardown has run, after
-        the call was reported as passed: a test over its limit would count as passed and failed.
-        Such tests run with their reports held back (as pytest-rerunfailures does), and an
-        exceeded limit fails the call's report, so the test has one outcome."""
-        if self.settings.scope != "all" or item.nodeid not in self.limits:
-            return None
-        from _pytest.runner import runtestprotocol
-
-        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        reports = runtestprotocol(item, nextitem=nextitem, log=False)
-        call = next((r for r in reports if r.when == "call"), None)
-        teardown = next((r for r in reports if r.when == "teardown"), None)
-        if call is not None and teardown is not None:
-            move_limit_failure(call, teardown)
-        for report in reports:
-            item.ihook.pytest_runtest_logreport(report=report)
-        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-        return True
 
     # ----- measuring -----
 
