@@ -219,6 +219,9 @@ mod tests {
     }
 
     /// One test, not two: the kernel's mark is per process and tests run in parallel threads.
+    /// Those threads also free memory while a window is open, which lowers what the window
+    /// sees above its start (58.7 MiB of a 64 MiB spike, once in CI): the spikes are checked at
+    /// three quarters of their size, which a missed spike (a figure near 0) is far below.
     #[test]
     fn peaks_of_single_and_nested_windows() {
         let mut monitor = RssMonitor::default();
@@ -226,7 +229,7 @@ mod tests {
         drop(std::hint::black_box(touch(64 << 20)));
         let figures = monitor.close(id);
         let peak = figures.peak_bytes.unwrap();
-        assert!(peak >= 60 << 20, "peak {peak}");
+        assert!(peak >= 48 << 20, "peak {peak}");
         assert!(figures.delta_bytes.unwrap() < 8 << 20, "{figures:?}");
 
         let outer = monitor.open().unwrap();
@@ -239,7 +242,7 @@ mod tests {
             "{inner_figures:?}"
         );
         assert!(
-            outer_figures.peak_bytes.unwrap() >= 44 << 20,
+            outer_figures.peak_bytes.unwrap() >= 36 << 20,
             "{outer_figures:?}"
         );
     }
