@@ -95,6 +95,9 @@ impl Scope {
         if !gil_enabled(py) {
             return Err(TrackerError::GilDisabled);
         }
+        if !ffi::thread_state_checked(py) {
+            return Err(TrackerError::ThreadStateLayout);
+        }
         let opener = ffi::current_thread_id();
         let rss_window = if apart { None } else { rss::open_window() };
         let started = Instant::now();

@@ -186,6 +186,11 @@ pub enum TrackerError {
          (PYTHON_GIL=0 or -X gil=0): run without that setting to measure"
     )]
     GilDisabled,
+    #[error(
+        "memgauge cannot tell which threads hold this Python's GIL: the thread state's layout \
+         is not the one it knows (a CPython newer than memgauge?); upgrade memgauge to measure"
+    )]
+    ThreadStateLayout,
 }
 
 /// A fast hash for addresses and site keys: a folded 128-bit multiply, good in the high and the

@@ -8,6 +8,7 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use super::hooks::{traced_alloc, traced_free, traced_realloc};
+use super::runtime::RUNTIME;
 
 const RAW: usize = 0;
 const DOMAINS: [ffi::PyMemAllocatorDomain; 3] = [
@@ -38,9 +39,21 @@ const UNSET: Original = Original {
     realloc: AtomicUsize::new(0),
     free: AtomicUsize::new(0),
 };
-static ORIGINALS: [Original; 3] = [UNSET, UNSET, UNSET];
-/// Whether our hooks are in a domain's allocator chain (possibly under someone else's).
-static CHAINED: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+
+/// The allocators the hooks wrap, one per domain: part of the engine's runtime.
+pub(super) struct Allocators {
+    originals: [Original; 3],
+    /// Whether our hooks are in a domain's allocator chain (possibly under someone else's).
+    chained: [AtomicBool; 3],
+}
+
+impl Allocators {
+    #[allow(clippy::declare_interior_mutable_const)]
+    pub(super) const UNSET: Allocators = Allocators {
+        originals: [UNSET, UNSET, UNSET],
+        chained: [const { AtomicBool::new(false) }; 3],
+    };
+}
 
 impl Original {
     fn store(&self, allocator: &ffi::PyMemAllocatorEx) {
@@ -93,7 +106,7 @@ impl Original {
 }
 
 extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mut c_void {
-    let original = &ORIGINALS[D];
+    let original = &RUNTIME.allocators.originals[D];
     // SAFETY: the malloc field holds a MallocFn, and this hook is installed.
     let (ctx, malloc) = unsafe { original.get::<MallocFn>(&original.malloc) };
     traced_alloc(size, D != RAW, || malloc(ctx, size))
@@ -104,7 +117,7 @@ extern "C" fn hook_calloc<const D: usize>(
     count: usize,
     size: usize,
 ) -> *mut c_void {
-    let original = &ORIGINALS[D];
+    let original = &RUNTIME.allocators.originals[D];
     // SAFETY: the calloc field holds a CallocFn, and this hook is installed.
     let (ctx, calloc) = unsafe { original.get::<CallocFn>(&original.calloc) };
     traced_alloc(count.saturating_mul(size), D != RAW, || {
@@ -117,7 +130,7 @@ extern "C" fn hook_realloc<const D: usize>(
     old: *mut c_void,
     new_size: usize,
 ) -> *mut c_void {
-    let original = &ORIGINALS[D];
+    let original = &RUNTIME.allocators.originals[D];
     // SAFETY: the realloc field holds a ReallocFn, and this hook is installed.
     let (ctx, realloc) = unsafe { original.get::<ReallocFn>(&original.realloc) };
     traced_realloc(old, new_size, D != RAW, || realloc(ctx, old, new_size))
@@ -127,7 +140,7 @@ extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, address: *mut c_void)
     // The wrapped free is looked up when called, after the block is forgotten: fewer values
     // live across the engine's work, fewer registers saved.
     traced_free(address, D != RAW, || {
-        let original = &ORIGINALS[D];
+        let original = &RUNTIME.allocators.originals[D];
         // SAFETY: the free field holds a FreeFn, and this hook is installed.
         let (ctx, free) = unsafe { original.get::<FreeFn>(&original.free) };
         free(ctx, address)
@@ -160,8 +173,10 @@ fn current_allocator(domain: usize) -> ffi::PyMemAllocatorEx {
 }
 
 pub(super) fn install_pymem_hooks(_py: Python<'_>) {
-    for domain in 0..DOMAINS.len() {
-        if CHAINED[domain].load(Relaxed) {
+    let allocators = &RUNTIME.allocators;
+    let each = allocators.originals.iter().zip(&allocators.chained);
+    for (domain, (original, chained)) in each.enumerate() {
+        if chained.load(Relaxed) {
             continue;
         }
         let current = current_allocator(domain);
@@ -174,17 +189,19 @@ pub(super) fn install_pymem_hooks(_py: Python<'_>) {
             // rather than wrap a hole.
             continue;
         }
-        ORIGINALS[domain].store(&current);
+        original.store(&current);
         let mut ours = our_hooks(domain, current.ctx);
         // SAFETY: the GIL is held; our hooks wrap the allocator that was installed, which
         // the C API allows after initialisation.
         unsafe { ffi::PyMem_SetAllocator(DOMAINS[domain], &mut ours) };
-        CHAINED[domain].store(true, Relaxed);
+        chained.store(true, Relaxed);
     }
 }
 
 pub(super) fn uninstall_pymem_hooks(_py: Python<'_>) {
-    for domain in 0..DOMAINS.len() {
+    let allocators = &RUNTIME.allocators;
+    let each = allocators.originals.iter().zip(&allocators.chained);
+    for (domain, (original, chained)) in each.enumerate() {
         let current = current_allocator(domain);
         let ours = our_hooks(domain, current.ctx);
         if current.malloc.map(|f| f as usize) != ours.malloc.map(|f| f as usize) {
@@ -192,9 +209,9 @@ pub(super) fn uninstall_pymem_hooks(_py: Python<'_>) {
             // Ours stays in their chain and passes everything through while inactive.
             continue;
         }
-        let mut original = ORIGINALS[domain].load();
+        let mut original = original.load();
         // SAFETY: the GIL is held; this puts back exactly the allocator we wrapped.
         unsafe { ffi::PyMem_SetAllocator(DOMAINS[domain], &mut original) };
-        CHAINED[domain].store(false, Relaxed);
+        chained.store(false, Relaxed);
     }
 }

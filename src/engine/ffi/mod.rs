@@ -19,15 +19,13 @@
 //!   the original `ctx`: a reader that sees a half-written allocator struct still calls a
 //!   consistent pair.
 //!
-//! By topic: `engine` (the engine's state, who holds it, the hooks' flags, and the interface the
-//! rest of the crate uses), `hooks` (what every allocator hook does), `domains` (CPython's three
+//! By topic: `runtime` (all of the engine's state in one value, the one way to reach it, and the
+//! interface the rest of the crate uses), `hooks` (what every allocator hook does), `domains` (CPython's three
 //! allocator domains), `numpy` (NumPy's array buffers), `sites` and `frames` (which line
 //! allocated), `trace` (line events for the line profiler); here, the few OS calls.
 
 #[cfg(feature = "python")]
 mod domains;
-#[cfg(feature = "python")]
-mod engine;
 #[cfg(all(feature = "python", read_frames))]
 mod frames;
 #[cfg(feature = "python")]
@@ -37,18 +35,20 @@ mod hooks;
 #[cfg(feature = "python")]
 mod numpy;
 #[cfg(feature = "python")]
+mod runtime;
+#[cfg(feature = "python")]
 mod sites;
 #[cfg(feature = "python")]
 mod trace;
 
 #[cfg(feature = "python")]
-pub use engine::{site_lookup, untraced};
-#[cfg(feature = "python")]
-pub(crate) use engine::{with_engine, with_tracker};
-#[cfg(feature = "python")]
 pub(crate) use gil_cell::GilRefCell;
 #[cfg(feature = "python")]
 pub use numpy::numpy_traced;
+#[cfg(feature = "python")]
+pub use runtime::{site_lookup, untraced};
+#[cfg(feature = "python")]
+pub(crate) use runtime::{thread_state_checked, with_engine, with_tracker};
 #[cfg(feature = "python")]
 pub use sites::SiteLocation;
 #[cfg(feature = "python")]

@@ -16,6 +16,7 @@ use pyo3::types::PyCapsule;
 
 use super::domains::{CallocFn, MallocFn, ReallocFn};
 use super::hooks::{traced_alloc, traced_free, traced_realloc};
+use super::runtime::RUNTIME;
 
 #[repr(C)]
 struct DataAllocator {
@@ -36,13 +37,25 @@ struct DataHandler {
 /// `PyDataMem_GetHandler`'s slot in NumPy's C API table (numpy_api.py, since 1.22).
 const GET_HANDLER_SLOT: usize = 305;
 
-static NUMPY_HANDLER: AtomicPtr<DataHandler> = AtomicPtr::new(std::ptr::null_mut());
-static NUMPY_ORIGINAL: [AtomicUsize; 4] = [const { AtomicUsize::new(0) }; 4];
+/// NumPy's default handler while its functions are wrapped, and the functions it had: part of
+/// the engine's runtime.
+pub(super) struct NumpyPatch {
+    handler: AtomicPtr<DataHandler>,
+    original: [AtomicUsize; 4],
+}
+
+impl NumpyPatch {
+    #[allow(clippy::declare_interior_mutable_const)]
+    pub(super) const UNSET: NumpyPatch = NumpyPatch {
+        handler: AtomicPtr::new(std::ptr::null_mut()),
+        original: [const { AtomicUsize::new(0) }; 4],
+    };
+}
 
 fn numpy_original<F: Copy>(slot: usize) -> F {
     // SAFETY: slot `slot` holds the matching fn pointer of the default handler, stored in
     // `patch_numpy` before the wrappers were installed.
-    unsafe { std::mem::transmute_copy::<usize, F>(&NUMPY_ORIGINAL[slot].load(Relaxed)) }
+    unsafe { std::mem::transmute_copy::<usize, F>(&RUNTIME.numpy.original[slot].load(Relaxed)) }
 }
 
 extern "C" fn numpy_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
@@ -124,7 +137,7 @@ unsafe fn slot<'a, F>(slot: *mut Option<F>) -> &'a AtomicUsize {
     unsafe { AtomicUsize::from_ptr(slot.cast()) }
 }
 
-/// The handler's four function slots, in [`NUMPY_ORIGINAL`]'s order, as atomics.
+/// The handler's four function slots, in [`NumpyPatch`]'s's order, as atomics.
 ///
 /// # Safety
 /// `handler` is NumPy's live default handler (see [`numpy_default_handler`]).
@@ -142,7 +155,8 @@ unsafe fn slots<'a>(handler: *mut DataHandler) -> [&'a AtomicUsize; 4] {
 }
 
 pub(super) fn patch_numpy(py: Python<'_>) {
-    if !NUMPY_HANDLER.load(Relaxed).is_null() {
+    let patch = &RUNTIME.numpy;
+    if !patch.handler.load(Relaxed).is_null() {
         return;
     }
     let Some(handler) = numpy_default_handler(py) else {
@@ -150,10 +164,10 @@ pub(super) fn patch_numpy(py: Python<'_>) {
     };
     // SAFETY: `handler` is NumPy's live, writable default handler.
     let slots = unsafe { slots(handler) };
-    for (original, slot) in NUMPY_ORIGINAL.iter().zip(slots) {
+    for (original, slot) in patch.original.iter().zip(slots) {
         original.store(slot.load(Acquire), Relaxed);
     }
-    if NUMPY_ORIGINAL.iter().any(|f| f.load(Relaxed) == 0) {
+    if patch.original.iter().any(|f| f.load(Relaxed) == 0) {
         return;
     }
     let wrappers = [
@@ -165,22 +179,23 @@ pub(super) fn patch_numpy(py: Python<'_>) {
     for (slot, wrapper) in slots.into_iter().zip(wrappers) {
         slot.store(wrapper, Release);
     }
-    NUMPY_HANDLER.store(handler, Relaxed);
+    patch.handler.store(handler, Relaxed);
 }
 
 pub(super) fn unpatch_numpy(_py: Python<'_>) {
-    let handler = NUMPY_HANDLER.swap(std::ptr::null_mut(), Relaxed);
+    let patch = &RUNTIME.numpy;
+    let handler = patch.handler.swap(std::ptr::null_mut(), Relaxed);
     if handler.is_null() {
         return;
     }
     // SAFETY: `handler` is the handler `patch_numpy` patched; the functions saved there go back.
     let slots = unsafe { slots(handler) };
-    for (slot, original) in slots.into_iter().zip(&NUMPY_ORIGINAL) {
+    for (slot, original) in slots.into_iter().zip(&patch.original) {
         slot.store(original.load(Relaxed), Release);
     }
 }
 
 /// Whether NumPy's array buffers are traced right now.
 pub fn numpy_traced() -> bool {
-    !NUMPY_HANDLER.load(Relaxed).is_null()
+    !RUNTIME.numpy.handler.load(Relaxed).is_null()
 }

@@ -3,16 +3,15 @@
 //! `file:line` when a scope reports.
 
 use std::ffi::c_int;
-use std::sync::atomic::Ordering::*;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
 
 #[cfg(read_frames)]
-use super::engine::SITES_FRAMES;
-use super::engine::{engine, untraced, SITES, SITES_NONE};
-#[cfg(read_frames)]
 use super::frames;
+#[cfg(read_frames)]
+use super::runtime::SITES_FRAMES;
+use super::runtime::{untraced, with_engine_if_any, RUNTIME, SITES_NONE};
 use crate::engine::tracker::{FastMap, SiteId, NATIVE_SITE};
 
 /// An allocation site before it is resolved to `file:line`: a code object (a strong
@@ -128,11 +127,11 @@ impl SiteTable {
 /// The code object (borrowed) and instruction of the innermost Python frame of this thread.
 ///
 /// # Safety
-/// The caller holds the GIL, `tstate` is its thread state, and [`GIL_BUSY`] is set (the
+/// The caller holds the GIL, `tstate` is its thread state, and the busy flag is set (a claim) (the
 /// public API may allocate a frame object: that is the engine's, not counted).
 #[inline(always)]
 pub(super) unsafe fn current_site(tstate: usize) -> Option<RawSite> {
-    let mode = SITES.load(Relaxed);
+    let mode = RUNTIME.site_mode();
     if mode == SITES_NONE || tstate == 0 {
         return None;
     }
@@ -189,12 +188,14 @@ pub(super) unsafe fn public_site() -> Option<(*mut ffi::PyObject, c_int)> {
 
 /// Drops the site table once no scope is open (after the last scope located its sites).
 pub(crate) fn release_sites_if_idle(py: Python<'_>) {
-    let sites = {
-        // SAFETY: the token says the GIL is held; taking the table allocates nothing.
-        match unsafe { engine() } {
-            Some(engine) if engine.tracker.is_idle() => std::mem::take(&mut engine.sites),
-            _ => return,
-        }
+    let sites = with_engine_if_any(py, |engine| {
+        engine
+            .tracker
+            .is_idle()
+            .then(|| std::mem::take(&mut engine.sites))
+    });
+    let Some(Some(sites)) = sites else {
+        return;
     };
     // With the engine let go: dropping a code object frees memory, which calls the hooks.
     untraced(py, || {
@@ -216,20 +217,17 @@ pub struct SiteLocation {
 /// Resolves site ids to `file:line` and function names.
 pub(crate) fn locate_sites(py: Python<'_>, ids: &[SiteId]) -> Vec<SiteLocation> {
     // Copy the references out of the engine, then call Python with it let go.
-    let sites: Vec<Option<(*mut ffi::PyObject, c_int)>> = untraced(py, || {
-        // SAFETY: the token says the GIL is held, and `untraced` keeps nested hooks out.
-        let table = unsafe { engine() }
-            .as_ref()
-            .map(|engine| &engine.sites.sites);
+    let sites: Vec<Option<(*mut ffi::PyObject, c_int)>> = with_engine_if_any(py, |engine| {
         ids.iter()
             .map(|&id| {
-                let (code, offset) = table?.get((id as usize).checked_sub(1)?)?;
+                let (code, offset) = engine.sites.sites.get((id as usize).checked_sub(1)?)?;
                 // SAFETY: the GIL is held; this reference is released below.
                 unsafe { ffi::Py_INCREF(code.0) };
                 Some((code.0, *offset))
             })
             .collect()
-    });
+    })
+    .unwrap_or_else(|| vec![None; ids.len()]);
     untraced(py, || {
         sites.into_iter().map(|site| locate(py, site)).collect()
     })
