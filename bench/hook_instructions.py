@@ -93,7 +93,9 @@ def main() -> None:
     events = sum(calls.values())
     if events == 0:
         sys.exit("no hook calls found in the profile: is the extension built with symbols?")
-    print(f"workload n={args.n}: plain {plain / 1e6:.1f} M instructions, traced {traced / 1e6:.1f} M")
+    print(
+        f"workload n={args.n}: plain {plain / 1e6:.1f} M instructions, traced {traced / 1e6:.1f} M"
+    )
     for name, count in sorted(calls.items()):
         print(f"  {name:<14} {count:>10} calls")
     print(f"traced / plain: {traced / plain:.3f}x")

@@ -1,11 +1,15 @@
 //! The Python classes and functions of `memgauge._native`.
 
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use std::path::PathBuf;
+
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use serde_json::{Map, Value};
 
 use crate::engine::scope::{Measurement, Scope, SiteBytes};
-use crate::model::size;
+use crate::model::error::Error;
+use crate::model::{results, size};
 
 /// A measurement scope: `with memgauge.measure() as m:`; the figures are read after the block.
 #[pyclass(name = "Scope", module = "memgauge._native")]
@@ -197,6 +201,84 @@ fn site_dicts<'py>(py: Python<'py>, sites: &[SiteBytes]) -> PyResult<Vec<Bound<'
             Ok(dict)
         })
         .collect()
+}
+
+/// The results file of a pytest run, written as it goes: the plugin's one writer of the results
+/// schema (records arrive as JSON and are checked against it; see `model::results::Writer`).
+#[pyclass(name = "ResultsWriter", module = "memgauge._native")]
+pub struct PyResultsWriter {
+    writer: Option<results::Writer>,
+}
+
+fn py_error(error: Error) -> PyErr {
+    match error {
+        Error::Write { .. } | Error::Read { .. } => PyOSError::new_err(error.to_string()),
+        _ => PyValueError::new_err(error.to_string()),
+    }
+}
+
+fn json_object(what: &str, text: &str) -> PyResult<Map<String, Value>> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(PyValueError::new_err(format!("{what}: not a JSON object"))),
+        Err(error) => Err(PyValueError::new_err(format!("{what}: {error}"))),
+    }
+}
+
+impl PyResultsWriter {
+    fn writer(&mut self) -> PyResult<&mut results::Writer> {
+        self.writer
+            .as_mut()
+            .ok_or_else(|| PyRuntimeError::new_err("the results were already finished"))
+    }
+}
+
+#[pymethods]
+impl PyResultsWriter {
+    /// Starts `output`'s stream (`output` + `.partial`); `environment`: a JSON object.
+    #[new]
+    #[pyo3(signature = (output, environment, shard = None))]
+    fn new(output: PathBuf, environment: &str, shard: Option<String>) -> PyResult<Self> {
+        let environment = json_object("environment", environment)?;
+        let writer = results::Writer::open(&output, environment, shard).map_err(py_error)?;
+        Ok(PyResultsWriter {
+            writer: Some(writer),
+        })
+    }
+
+    /// A test started.
+    fn start(&mut self, id: &str) -> PyResult<()> {
+        self.writer()?.start(id).map_err(py_error)
+    }
+
+    /// A test's record (JSON).
+    fn test(&mut self, id: &str, record: &str) -> PyResult<()> {
+        self.writer()?.test(id, record).map_err(py_error)
+    }
+
+    /// A benchmark's record (JSON).
+    fn benchmark(&mut self, id: &str, record: &str) -> PyResult<()> {
+        self.writer()?.benchmark(id, record).map_err(py_error)
+    }
+
+    /// A recorded test failed after its record (in teardown): its outcome becomes "error".
+    /// Returns whether the test had a record.
+    fn mark_error(&mut self, id: &str) -> PyResult<bool> {
+        self.writer()?.mark_error(id).map_err(py_error)
+    }
+
+    /// Writes the document atomically and removes the stream; `tool` and `determinism`: JSON
+    /// objects.
+    fn finish(&mut self, py: Python<'_>, tool: &str, determinism: &str) -> PyResult<()> {
+        let tool = json_object("tool", tool)?;
+        let determinism = json_object("determinism", determinism)?;
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("the results were already finished"))?;
+        py.detach(|| writer.finish(tool, determinism))
+            .map_err(py_error)
+    }
 }
 
 /// Parses a size such as "50 MiB" into bytes (B, KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024).

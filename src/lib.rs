@@ -20,7 +20,9 @@ mod bindings;
 #[pyo3::pymodule(gil_used = true)]
 mod _native {
     #[pymodule_export]
-    use crate::bindings::{cli_main, format_size, parse_size, rss_bytes, site_lookup, PyScope};
+    use crate::bindings::{
+        cli_main, format_size, parse_size, rss_bytes, site_lookup, PyResultsWriter, PyScope,
+    };
     #[pymodule_export]
     use crate::engine::lines::LineTracer;
 

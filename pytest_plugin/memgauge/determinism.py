@@ -1,6 +1,6 @@
 """What makes a test's traced figures a function of the test alone, under ``pytest --memprof``.
 
-Three things make a rerun of an unchanged suite move figures, and each has its answer here:
+Four things make a rerun of an unchanged suite move figures, and each has its answer here:
 
 - **The cyclic collector.** When it runs depends on every allocation since the process started,
   so what a test's peak and leaked bytes include depends on what ran before. Before each
@@ -14,12 +14,26 @@ Three things make a rerun of an unchanged suite move figures, and each has its a
   What stays: a first use measured apart still allocates objects the collector counts, so it
   moves the test's later collections a little (at most one young generation's garbage, a few
   KiB for most code).
+- **CPython's attribute cache.** Each slot of the type attribute cache keeps a reference to
+  the name it was last looked up by, so a name made at run time (``getattr(obj,
+  f"draw_{kind}")``, as hypothesis does for every draw) lives on in the cache after the test.
+  From 3.12 the slot is chosen by the name's address, not its hash: which of those strings the
+  cache still held moved a hypothesis test's leaked bytes by KiBs from process to process (27
+  KiB held in all). The cache is cleared as the test's scope closes, so they are freed there.
+  What stays: while the test runs they are its memory, so its peak still moves a little.
 - **Randomness.** ``random``, NumPy's global generator and hypothesis are reset to one seed
   before each measured test, as pytest-randomly does (``--memprof-seed``; ``off`` leaves them).
 - **First use.** Importing a module for the first time, or compiling a regular expression into
   ``re``'s cache, costs whichever test comes first: another order, subset or xdist worker puts
   it elsewhere. Those stretches are measured apart (a scope whose blocks the test's scope never
   sees) and reported as the test's ``first_use``, not gated with its own figures.
+  What stays: CPython's free lists (dicts, tuples, lists, floats) pass blocks across that
+  border without calling the allocator. A first use may keep a block the test freed onto them
+  (on 3.13 the call of the test function frees pytest's keyword-arguments dict as the test
+  starts, and a module imported first makes its dict from it), and the test may take one the
+  first use freed: the test's figures move by those blocks, some bytes, in the order where it
+  pays. Only a full collection empties the lists; one at each first use would collect the
+  test's garbage there, in that order only, and move its peak by far more.
 
 The results file says which of these were in force (``determinism``), and each test what it
 paid for first uses.
@@ -36,6 +50,13 @@ from memgauge._native import Scope
 
 # How many first uses a test's record names; the rest are counted.
 NAMED_FIRST_USES = 10
+
+# Clears the type attribute cache (see the module's doc): from 3.13 with the more general
+# function, as 3.14 warns that _clear_type_cache is deprecated.
+if sys.version_info >= (3, 13):
+    clear_type_cache = sys._clear_internal_caches
+else:
+    clear_type_cache = sys._clear_type_cache
 
 
 class Collector:
@@ -72,12 +93,14 @@ class Collector:
         gc.set_threshold(*self.test_thresholds)
 
     def finish(self) -> None:
-        """As a measured test's scope is about to close: its garbage is not its leak."""
+        """As a measured test's scope is about to close: its garbage is not its leak, nor the
+        attribute names that CPython's type cache still holds."""
         if self.thresholds is not None:
             # A test that set its own thresholds keeps them.
             if gc.get_threshold() == self.test_thresholds:
                 gc.set_threshold(*self.thresholds)
             self.thresholds = self.test_thresholds = None
+        clear_type_cache()
         gc.collect()
 
     def close(self) -> None:

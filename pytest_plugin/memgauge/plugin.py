@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import memgauge
+from memgauge import _native
 from memgauge import config as cfg
 from memgauge.benchmark import Memit
 from memgauge.determinism import Determinism
@@ -48,7 +49,6 @@ BENCHMARKS_KEY = pytest.StashKey[list]()
 SCOPE_KEY = pytest.StashKey[Any]()
 # Why a test with a limit could not be measured: it fails rather than passes unchecked.
 UNMEASURED_KEY = pytest.StashKey[str]()
-RESULTS_SCHEMA = 1
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -276,7 +276,7 @@ class MemgaugePlugin:
         self.benchmarks: dict[str, dict[str, Any]] = {}
         self.limits: dict[str, dict[str, int]] = {}
         self.paths: dict[str, str] = {}
-        self.stream = None
+        self.writer: _native.ResultsWriter | None = None
         self.locations: dict[str, tuple[str, int | None, str]] = {}
         # Site files as shown (relative to the rootdir), by the path the engine reports.
         self.relative_files: dict[str, str] = {}
@@ -463,25 +463,17 @@ class MemgaugePlugin:
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         if self.is_worker or not self.settings.memprof:
             return
-        self.settings.output.parent.mkdir(parents=True, exist_ok=True)
-        # Results stream here as tests finish, so a run that dies still leaves them.
-        self.stream = open(self.partial_path(), "w", encoding="utf-8")
-        session = {"event": "session", "environment": environment(self.settings.environment)}
-        if self.settings.shard:
-            session["shard"] = "{}/{}".format(*self.settings.shard)
-        self.write_stream(session)
-
-    def partial_path(self) -> Path:
-        return self.settings.output.with_name(self.settings.output.name + ".partial")
-
-    def write_stream(self, record: dict[str, Any]) -> None:
-        if self.stream is not None:
-            self.stream.write(json.dumps(record) + "\n")
-            self.stream.flush()
+        # Results stream beside the output as tests finish, so a run that dies still leaves
+        # them; the writer (memgauge's one writer of the results schema) checks each record.
+        shard = "{}/{}".format(*self.settings.shard) if self.settings.shard else None
+        self.writer = _native.ResultsWriter(
+            str(self.settings.output), json.dumps(environment(self.settings.environment)), shard
+        )
 
     def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int, str]) -> None:
         self.locations[nodeid] = location
-        self.write_stream({"event": "start", "id": nodeid})
+        if self.writer is not None:
+            self.writer.start(nodeid)
 
     def result_key(self, report: pytest.TestReport) -> str:
         """The node id, made unique if two files produce the same one (--pyargs)."""
@@ -502,8 +494,7 @@ class MemgaugePlugin:
             benchmark = dict(benchmark)
             benchmark_id = benchmark.pop("id")
             entry = {"outcome": outcome, **benchmark}
-            self.benchmarks[benchmark_id] = entry
-            self.write_stream({"event": "benchmark", "id": benchmark_id, **entry})
+            self.record("benchmark", benchmark_id, entry)
         if record is not None:
             file, line, _ = report.location
             entry = {
@@ -512,42 +503,32 @@ class MemgaugePlugin:
                 "line": (line or 0) + 1,
                 **record,
             }
-            self.results[key] = entry
-            self.write_stream({"event": "test", "id": key, **entry})
+            self.record("test", key, entry)
         elif report.when == "teardown" and report.failed and key in self.results:
             self.results[key]["outcome"] = "error"
-            self.write_stream({"event": "test", "id": key, **self.results[key]})
+            if self.writer is not None:
+                self.writer.mark_error(key)
         elif report.when == "???" and report.failed and self.settings.memprof:
             # pytest-xdist reports a test whose worker died (killed, out of memory, segfault).
             file, line, _ = self.locations.get(report.nodeid, report.location)
             entry = {"outcome": "error", "crashed": True, "file": file, "line": (line or 0) + 1}
-            self.results[key] = entry
-            self.write_stream({"event": "test", "id": key, **entry})
+            self.record("test", key, entry)
+
+    def record(self, kind: str, key: str, entry: dict[str, Any]) -> None:
+        """A test's or a benchmark's record: kept for the summary, and written."""
+        (self.results if kind == "test" else self.benchmarks)[key] = entry
+        if self.writer is not None:
+            write = self.writer.test if kind == "test" else self.writer.benchmark
+            write(key, json.dumps(entry))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.determinism.close()
         if self.is_worker or not self.settings.memprof:
             return
-        document = {
-            "schema": RESULTS_SCHEMA,
-            "tool": {"name": "memgauge", "version": memgauge.__version__},
-            "environment": environment(self.settings.environment),
-            "determinism": self.determinism.describe(),
-            "tests": self.results,
-        }
-        if self.settings.shard:
-            document["shard"] = "{}/{}".format(*self.settings.shard)
-        if self.benchmarks:
-            document["benchmarks"] = self.benchmarks
-        output = self.settings.output
-        temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-        with temporary.open("w", encoding="utf-8") as file:
-            write_document(file, document)
-        os.replace(temporary, output)
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
-            self.partial_path().unlink(missing_ok=True)
+        if self.writer is not None:
+            tool = {"name": "memgauge", "version": memgauge.__version__}
+            self.writer.finish(json.dumps(tool), json.dumps(self.determinism.describe()))
+            self.writer = None
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.is_worker or not self.settings.memprof or not self.results:
@@ -585,19 +566,3 @@ def environment(key: str) -> dict[str, Any]:
     if numpy is not None:
         env["numpy"] = getattr(numpy, "__version__", "unknown")
     return env
-
-
-def write_document(file: Any, document: dict[str, Any]) -> None:
-    """The results document with one test per line: JSON that reads and diffs well, written by
-    json's C encoder (``indent=`` falls back to the pure-Python one: seconds for 100,000 tests)."""
-    sections = ("tests", "benchmarks")
-    head = json.dumps({key: value for key, value in document.items() if key not in sections})
-    file.write(head[:-1])
-    for name in sections:
-        if name not in document:
-            continue
-        file.write(f",\n{json.dumps(name)}: {{")
-        entries = document[name].items()
-        file.write(",".join(f"\n {json.dumps(key)}: {json.dumps(value)}" for key, value in entries))
-        file.write("\n}")
-    file.write("}\n")

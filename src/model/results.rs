@@ -1,12 +1,15 @@
-//! The results file that `pytest --memprof` writes (schema 1), and its crash-safe stream.
+//! The results file that `pytest --memprof` writes (schema 1), and its crash-safe stream: the
+//! schema's one definition, its one writer ([`Writer`], which the plugin drives, and
+//! [`Results::save`], both in [`Results::write_document`]'s layout) and its reader.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::model::error::{read_text, write_atomically, Error, Result};
+use crate::model::error::{read_text, write_atomically_with, Error, Result};
 use crate::model::figure::Figure;
 
 pub const SCHEMA: u64 = 1;
@@ -273,12 +276,7 @@ impl<R: Record> Results<R> {
     /// A results file's text; a missing file's error says how to make it, or where the
     /// partial results of a run that died are.
     pub fn read(path: &Path) -> Result<String> {
-        let partial = path.with_file_name(format!(
-            "{}.partial",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or_default()
-        ));
+        let partial = partial_path(path);
         let hint = if partial.exists() {
             format!(
                 "; the run that writes it did not finish, and its partial results are in {}: \
@@ -387,11 +385,193 @@ impl Head {
 }
 
 impl Results {
+    /// Writes the document atomically, in the one layout every writer uses (see
+    /// [`Results::write_document`]).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut text = serde_json::to_string_pretty(self).expect("results serialize");
-        text.push('\n');
-        write_atomically(path, text.as_bytes())
+        write_atomically_with(path, |out| self.write_document(out))
     }
+
+    /// The results document with one test per line: JSON that reads and diffs well, and whose
+    /// head (everything but the tests and benchmarks) comes first, ended by `,\n"tests"`, which
+    /// [`Head::read`] finds without scanning the tests.
+    pub fn write_document(&self, out: &mut dyn Write) -> std::io::Result<()> {
+        #[derive(Serialize)]
+        struct HeadOf<'a> {
+            schema: u64,
+            tool: &'a Map<String, Value>,
+            environment: &'a Map<String, Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            shard: &'a Option<String>,
+            #[serde(skip_serializing_if = "Map::is_empty")]
+            determinism: &'a Map<String, Value>,
+        }
+        let head = serde_json::to_string(&HeadOf {
+            schema: self.schema,
+            tool: &self.tool,
+            environment: &self.environment,
+            shard: &self.shard,
+            determinism: &self.determinism,
+        })?;
+        out.write_all(&head.as_bytes()[..head.len() - 1])?;
+        let sections = [("tests", &self.tests), ("benchmarks", &self.benchmarks)];
+        for (index, (name, entries)) in sections.into_iter().enumerate() {
+            if index > 0 && entries.is_empty() {
+                continue; // `tests` is always written, even empty.
+            }
+            write!(out, ",\n\"{name}\": {{")?;
+            for (position, (id, record)) in entries.iter().enumerate() {
+                out.write_all(if position == 0 { b"\n " } else { b",\n " })?;
+                serde_json::to_writer(&mut *out, id)?;
+                out.write_all(b": ")?;
+                serde_json::to_writer(&mut *out, record)?;
+            }
+            out.write_all(b"\n}")?;
+        }
+        out.write_all(b"}\n")
+    }
+}
+
+/// The results of a run as it goes: every record is written to the `.partial` stream as it
+/// arrives (one write of a whole line, so a run that dies leaves whole lines), and the document
+/// is written atomically at the end, the stream then removed. The plugin's one writer of the
+/// results schema: it hands over records as JSON, which are read into [`TestRecord`] here, so
+/// a record that does not follow the schema is refused when written, naming the test.
+pub struct Writer {
+    output: PathBuf,
+    stream: Option<std::fs::File>,
+    results: Results,
+}
+
+/// A stream event: `{"event": ..., "id": ..., the record's keys}`.
+#[derive(Serialize)]
+struct Event<'a, T: Serialize> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(flatten)]
+    body: T,
+}
+
+impl Writer {
+    /// Starts the stream beside `output` (`results.json.partial`), with the session's event.
+    pub fn open(
+        output: &Path,
+        environment: Map<String, Value>,
+        shard: Option<String>,
+    ) -> Result<Writer> {
+        let stream_path = partial_path(output);
+        let write_error = |source| Error::Write {
+            path: stream_path.clone(),
+            source,
+        };
+        if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(write_error)?;
+        }
+        let stream = std::fs::File::create(&stream_path).map_err(write_error)?;
+        let mut writer = Writer {
+            output: output.to_owned(),
+            stream: Some(stream),
+            results: Results {
+                schema: SCHEMA,
+                environment,
+                shard,
+                ..Results::default()
+            },
+        };
+        #[derive(Serialize)]
+        struct Session<'a> {
+            environment: &'a Map<String, Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            shard: &'a Option<String>,
+        }
+        let session = Session {
+            environment: &writer.results.environment,
+            shard: &writer.results.shard,
+        };
+        let line = event_line("session", None, &session);
+        writer.write_line(line)?;
+        Ok(writer)
+    }
+
+    /// A test started: should the run die before it reports, the stream names it.
+    pub fn start(&mut self, id: &str) -> Result<()> {
+        self.write_line(event_line("start", Some(id), Map::new()))
+    }
+
+    /// A test's record, given as JSON; a second record for the same test replaces the first.
+    pub fn test(&mut self, id: &str, record: &str) -> Result<()> {
+        let record = self.parse(id, record)?;
+        let line = event_line("test", Some(id), &record);
+        self.results.tests.insert(id.to_owned(), record);
+        self.write_line(line)
+    }
+
+    /// A benchmark's record (the `memit` fixture's), given as JSON.
+    pub fn benchmark(&mut self, id: &str, record: &str) -> Result<()> {
+        let record = self.parse(id, record)?;
+        let line = event_line("benchmark", Some(id), &record);
+        self.results.benchmarks.insert(id.to_owned(), record);
+        self.write_line(line)
+    }
+
+    /// A test that reported passing failed later (an error in its teardown): its outcome
+    /// becomes `error`. Returns whether the test had a record.
+    pub fn mark_error(&mut self, id: &str) -> Result<bool> {
+        let Some(record) = self.results.tests.get_mut(id) else {
+            return Ok(false);
+        };
+        record.outcome = "error".to_owned();
+        let line = event_line("test", Some(id), &*record);
+        self.write_line(line)?;
+        Ok(true)
+    }
+
+    /// Writes the document atomically and removes the stream.
+    pub fn finish(
+        mut self,
+        tool: Map<String, Value>,
+        determinism: Map<String, Value>,
+    ) -> Result<()> {
+        self.results.tool = tool;
+        self.results.determinism = determinism;
+        self.results.save(&self.output)?;
+        self.stream = None;
+        let _ = std::fs::remove_file(partial_path(&self.output));
+        Ok(())
+    }
+
+    fn parse(&self, id: &str, record: &str) -> Result<TestRecord> {
+        serde_json::from_str(record).map_err(|e| {
+            Error::invalid(
+                &partial_path(&self.output),
+                format!("the record of {id:?} does not follow results schema {SCHEMA}: {e}"),
+            )
+        })
+    }
+
+    fn write_line(&mut self, mut line: Vec<u8>) -> Result<()> {
+        line.push(b'\n');
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        stream.write_all(&line).map_err(|source| Error::Write {
+            path: partial_path(&self.output),
+            source,
+        })
+    }
+}
+
+fn event_line<T: Serialize>(event: &str, id: Option<&str>, body: T) -> Vec<u8> {
+    serde_json::to_vec(&Event { event, id, body }).expect("an event serializes")
+}
+
+/// Where the stream of a run that writes `output` goes.
+pub fn partial_path(output: &Path) -> PathBuf {
+    let name = output
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    output.with_file_name(format!("{name}.partial"))
 }
 
 #[cfg(test)]
@@ -464,6 +644,88 @@ mod tests {
         assert_eq!(results.tests["t.py::a"].peak_bytes, Some(5));
         assert_eq!(results.benchmarks["t.py::dies::build"].peak_bytes, Some(7));
         assert!(results.tests["t.py::dies"].crashed);
+    }
+
+    /// A fresh directory under the system's temporary one, for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("memgauge-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_writer_streams_each_record_and_writes_the_document_in_one_layout() {
+        let dir = scratch("writer");
+        let output = dir.join("out").join("results.json");
+        let environment: Map<String, Value> =
+            serde_json::from_str(r#"{"key": "cp311-linux-x86_64"}"#).unwrap();
+        let mut writer = Writer::open(&output, environment, Some("1/2".to_owned())).unwrap();
+        writer.start("t.py::a").unwrap();
+        writer
+            .test(
+                "t.py::a",
+                r#"{"outcome": "passed", "peak_bytes": 5, "rss_sampled": true}"#,
+            )
+            .unwrap();
+        writer.start("t.py::b").unwrap();
+        // As it goes, the stream has the record and names the test that is running.
+        let partial = partial_path(&output);
+        let stream = Results::<TestRecord>::load(&partial).unwrap();
+        assert_eq!(stream.tests["t.py::a"].peak_bytes, Some(5));
+        assert!(stream.tests["t.py::b"].crashed);
+        assert_eq!(stream.shard.as_deref(), Some("1/2"));
+        // A record off the schema is refused, naming the test; nothing of it is kept.
+        let error = writer
+            .test("t.py::b", r#"{"outcome": "passed", "peak_bytes": -1}"#)
+            .unwrap_err();
+        assert!(error.to_string().contains("\"t.py::b\""), "{error}");
+        writer
+            .test("t.py::b", r#"{"outcome": "passed", "peak_bytes": 7}"#)
+            .unwrap();
+        assert!(writer.mark_error("t.py::b").unwrap());
+        assert!(!writer.mark_error("t.py::never").unwrap());
+        writer
+            .benchmark(
+                "t.py::a::build",
+                r#"{"outcome": "passed", "peak_bytes": 9}"#,
+            )
+            .unwrap();
+        let tool: Map<String, Value> = serde_json::from_str(r#"{"name": "memgauge"}"#).unwrap();
+        let determinism: Map<String, Value> = serde_json::from_str(r#"{"seed": 0}"#).unwrap();
+        writer.finish(tool, determinism).unwrap();
+        assert!(
+            !partial.exists(),
+            "the stream goes once the document is written"
+        );
+
+        let text = std::fs::read_to_string(&output).unwrap();
+        let results = Results::<TestRecord>::parse(&output, &text).unwrap();
+        assert_eq!(results.tests["t.py::b"].outcome, "error");
+        assert_eq!(
+            results.tests["t.py::a"].extra["rss_sampled"],
+            Value::Bool(true)
+        );
+        assert_eq!(results.benchmarks["t.py::a::build"].peak_bytes, Some(9));
+        assert_eq!(results.determinism["seed"], 0);
+        // One test per line, the head first: read without the tests.
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with(" \"t.py::")).count(),
+            3
+        );
+        let head = text
+            .find(",\n\"tests\"")
+            .expect("the head ends before the tests");
+        assert!(!text[..head].contains("t.py::"));
+        assert_eq!(
+            Head::read(&text).environment_key(&output).unwrap(),
+            "cp311-linux-x86_64"
+        );
+        // What `merge` saves is in the same layout, and reads back the same.
+        let merged = dir.join("merged.json");
+        results.save(&merged).unwrap();
+        assert_eq!(std::fs::read_to_string(&merged).unwrap(), text);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     proptest::proptest! {
