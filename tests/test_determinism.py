@@ -82,8 +82,12 @@ def test_{name}():
 
 
 def test_first_imports_and_regexes_are_reported_apart_in_either_order(
-    pytester: pytest.Pytester,
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ):
+    # Both runs import the helper from its source, as the first run of a fresh checkout does:
+    # otherwise the first writes its .pyc and the second loads it, and a module compiled from
+    # source holds other sizes than one read from a .pyc (1.8 KiB apart on 3.13).
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     pytester.makepyfile(heavy_helper="TABLE = [bytearray(1000) for _ in range(1000)]\n")
     pytester.makepyfile(
         test_a=FIRST_USE.format(name="a", size=2 * MiB),
@@ -92,9 +96,13 @@ def test_first_imports_and_regexes_are_reported_apart_in_either_order(
     forward = figures(pytester, "test_a.py", "test_b.py")
     backward = figures(pytester, "test_b.py", "test_a.py")
     for test in ("test_a.py::test_a", "test_b.py::test_b"):
-        # What a first use frees feeds CPython's free lists, which the test may then draw on
-        # (a tuple, a list) without calling the allocator: the one residue, some bytes.
-        assert forward[test]["leaked_bytes"] == backward[test]["leaked_bytes"], test
+        # CPython's free lists pass blocks across the first use's border without calling the
+        # allocator: the test may draw on what the first use freed (a tuple, a list), and the
+        # first use may keep what the test freed (on 3.13 the module's dict is made from the
+        # keyword-arguments dict pytest freed as it called the test: 64 bytes of the test's
+        # leak in the order where it imports first). The one residue, some bytes.
+        forward_leak, backward_leak = forward[test]["leaked_bytes"], backward[test]["leaked_bytes"]
+        assert abs(forward_leak - backward_leak) <= 256, (test, forward_leak, backward_leak)
         assert abs(forward[test]["peak_bytes"] - backward[test]["peak_bytes"]) < 1024, test
     # The first test of each run paid for the import and the regex, reported apart.
     first, second = forward["test_a.py::test_a"], forward["test_b.py::test_b"]
@@ -105,8 +113,9 @@ def test_first_imports_and_regexes_are_reported_apart_in_either_order(
     assert 1_000_000 < paid["leaked_bytes"] < 1_300_000
     assert paid["peak_bytes"] >= paid["leaked_bytes"]
     # The first use itself, in the other order: the same within some bytes (the importer's
-    # caches are dicts and sets whose sizes follow the process's hash seed: 70 bytes apart seen).
-    # Reported apart, it is not gated.
+    # caches are dicts and sets whose sizes follow the process's hash seed: 70 bytes apart seen;
+    # and the free lists' blocks it draws on are the test's in one order). Reported apart, it is
+    # not gated.
     other = backward["test_b.py::test_b"]["first_use"]["leaked_bytes"]
     assert abs(other - paid["leaked_bytes"]) < 1024, (other, paid["leaked_bytes"])
     # What a test allocates itself is still its own.
@@ -143,11 +152,17 @@ def test_hypothesis_and_unseeded_random_give_the_same_figures_on_two_runs(
         "test_random.py::test_hypothesis",
     )
     assert gated(first[random_test]) == gated(second[random_test])
-    # Hypothesis draws the same examples (they keep about 5 MB); its own caches, keyed by
-    # object identity, differ by a few KiB from process to process.
+    # Hypothesis draws the same examples (they keep about 5 MB). The attribute names it makes
+    # as it draws (getattr(data, f"draw_{kind}")) CPython's type cache keeps, from 3.12 in slots
+    # chosen by their addresses, so how many it holds differs from process to process (KiBs of
+    # 27 KiB on 3.13). The cache is cleared as the scope closes: the leaks are the same within
+    # some bytes. While the test runs the names are its memory: the peak moves a little.
     for figure in ("peak_bytes", "leaked_bytes"):
         assert first[hypothesis_test][figure] > 4_000_000
-        assert abs(first[hypothesis_test][figure] - second[hypothesis_test][figure]) < 16 * 1024
+    leaks = first[hypothesis_test]["leaked_bytes"], second[hypothesis_test]["leaked_bytes"]
+    assert abs(leaks[0] - leaks[1]) < 1024, leaks
+    peaks = first[hypothesis_test]["peak_bytes"], second[hypothesis_test]["peak_bytes"]
+    assert abs(peaks[0] - peaks[1]) < 16 * 1024, peaks
     # Another seed draws other values; `off` leaves the generators alone.
     other = figures(pytester, "--memprof-seed", "7")
     assert gated(other[random_test]) != gated(first[random_test])

@@ -533,10 +533,14 @@ void churn(volatile int *stop) {
 """
 
 FORK_WHILE_QUEUEING = """
-import ctypes, os, sys, threading, time
+import ctypes, os, sys, threading, time, warnings
 import memgauge
 
 MiB = 2**20
+# From 3.12 os.fork() warns when other threads run, as the churn's does here on purpose. Shown
+# (the first time), the warning imports linecache, tokenize and re inside the scope: some
+# 620 KB of code objects and constants in the parent's peak that are no fork's bookkeeping.
+warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
 # ctypes.CDLL releases the GIL around the call: the loop's raw allocations reach the hooks
 # without it, and are queued under the engine's lock.
 churn = ctypes.CDLL(sys.argv[1]).churn
