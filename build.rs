@@ -1,6 +1,7 @@
 fn main() {
-    // `read_frames`: the hooks may read the interpreter's own frames (`src/ffi.rs`, module
-    // `frames`), whose layouts are written down for CPython 3.11 to 3.13 with the GIL.
+    // `read_frames`: the hooks may read the interpreter's own frames
+    // (`src/engine/ffi/frames.rs`), whose layouts are written down for CPython 3.11 to 3.13
+    // with the GIL.
     println!("cargo:rustc-check-cfg=cfg(read_frames)");
     #[cfg(feature = "python")]
     {

@@ -14,6 +14,7 @@ import textwrap
 import threading
 
 import memgauge
+import pytest
 from memgauge.profile import LineProfiler
 
 MiB = 2**20
@@ -197,3 +198,122 @@ def test_python_dash_m_profiles_decorated_functions(tmp_path):
     assert "15.3 MiB" in lines["6"] and lines["6"].split()[7] == "2"
     assert "137.3 MiB" in lines["7"]
     assert "-137.3 MiB" in lines["8"]
+
+
+# ----- where line events come from: sys.monitoring (3.12+) and the trace function -----
+
+SOURCES = ["settrace", "auto"] + (["sys.monitoring"] if sys.version_info >= (3, 12) else [])
+
+
+def test_line_events_come_from_sys_monitoring_from_3_12():
+    profiler = LineProfiler(my_func)
+    assert profiler.line_events is None
+    with profiler:
+        # Through sys.monitoring no trace function is installed.
+        traced = sys.gettrace()
+        my_func()
+    expected = "sys.monitoring" if sys.version_info >= (3, 12) else "settrace"
+    assert profiler.line_events == expected
+    if expected == "sys.monitoring":
+        assert traced is None
+    assert close(profiler.results()[0].line(first_line(my_func) + 2).increment, 72_000_056)
+
+
+def generate():
+    kept = []
+    for _ in range(3):
+        kept.append(bytearray(MiB))
+        yield len(kept)
+
+
+def fails():
+    try:
+        block = bytearray(2 * MiB)
+        raise ValueError(len(block))
+    finally:
+        tail = bytearray(MiB)  # noqa: F841
+
+
+def catches():
+    try:
+        fails()
+    except ValueError:
+        pass
+    return bytearray(3 * MiB)
+
+
+@pytest.mark.parametrize("events", SOURCES)
+def test_generators_and_exceptions_keep_their_lines(events):
+    profiler = LineProfiler(generate, fails, catches, events=events)
+    with profiler:
+        assert list(generate()) == [1, 2, 3]
+        catches()
+    by_name = {p.name: p for p in profiler.results()}
+    # Each resume goes on at the line it stopped in; the appends' lines ran three times.
+    append = by_name["generate"].line(first_line(generate) + 3)
+    assert append.occurrences == 3, append
+    assert close(append.increment, 3 * (MiB + 57)), append
+    # A line that raises, and the `finally` line that runs as the exception leaves.
+    raising = by_name["fails"].line(first_line(fails) + 2)
+    assert close(raising.increment, 2 * MiB + 57), raising
+    final = by_name["fails"].line(first_line(fails) + 5)
+    assert final.occurrences == 1 and close(final.increment, MiB + 57), final
+    # The caller goes on after the exception: its lines keep their own figures.
+    after = by_name["catches"].line(first_line(catches) + 5)
+    assert after.occurrences == 1 and close(after.increment, 3 * MiB + 57), after
+    assert sys.gettrace() is None
+
+
+@pytest.mark.parametrize("events", SOURCES)
+def test_threads_are_traced_whatever_the_source(events):
+    profiler = LineProfiler(my_func, events=events)
+    with profiler:
+        threads = [threading.Thread(target=my_func) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    line = profiler.results()[0].line(first_line(my_func) + 2)
+    assert line.occurrences == 2
+    assert close(line.increment, 2 * 72_000_056), line
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring is 3.12+")
+def test_a_taken_tool_id_is_left_alone_and_none_free_falls_back_to_settrace():
+    monitoring = sys.monitoring
+    taken = []
+    try:
+        # Another profiler holds the profilers' id: memgauge takes another, and gives it back.
+        if monitoring.get_tool(monitoring.PROFILER_ID) is None:
+            monitoring.use_tool_id(monitoring.PROFILER_ID, "another profiler")
+            taken.append(monitoring.PROFILER_ID)
+        profiler = LineProfiler(my_func)
+        with profiler:
+            in_use = {i: monitoring.get_tool(i) for i in range(6)}
+            my_func()
+        assert profiler.line_events == "sys.monitoring"
+        ours = [i for i, name in in_use.items() if name == "memgauge"]
+        assert len(ours) == 1 and ours[0] != monitoring.PROFILER_ID
+        assert monitoring.get_tool(ours[0]) is None
+        assert monitoring.get_tool(monitoring.PROFILER_ID) == "another profiler"
+        assert close(profiler.results()[0].line(first_line(my_func) + 2).increment, 72_000_056)
+        # Every id taken: "auto" falls back to the trace function, "sys.monitoring" says why.
+        for i in range(6):
+            if monitoring.get_tool(i) is None:
+                monitoring.use_tool_id(i, "someone")
+                taken.append(i)
+        fallback = LineProfiler(my_func)
+        with fallback:
+            my_func()
+        assert fallback.line_events == "settrace"
+        assert close(fallback.results()[0].line(first_line(my_func) + 2).increment, 72_000_056)
+        with pytest.raises(RuntimeError, match="tool id is taken"):
+            LineProfiler(my_func, events="sys.monitoring").enable()
+    finally:
+        for i in taken:
+            monitoring.free_tool_id(i)
+
+
+def test_an_unknown_source_is_refused():
+    with pytest.raises(ValueError, match="events="):
+        LineProfiler(my_func, events="sampling")

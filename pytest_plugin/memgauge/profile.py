@@ -97,16 +97,28 @@ class LineProfiler:
     ``with profiler:`` (or ``enable()`` / ``disable()``) traces the calling thread and the
     threads started meanwhile (every thread, from Python 3.12). Calls nest: only the outermost
     enable and disable act, so a decorated function may call another.
+
+    ``events`` says where line events come from: ``"auto"`` takes ``sys.monitoring`` from
+    Python 3.12 (events of the profiled functions only, under a free tool id, beside coverage
+    and debuggers), and the trace function (``sys.settrace``'s C form) before 3.12 or when every
+    tool id is taken; ``"sys.monitoring"`` or ``"settrace"`` ask for one. ``line_events`` says
+    which one ran.
     """
 
-    def __init__(self, *functions: Any) -> None:
-        self._tracer = LineTracer()
+    def __init__(self, *functions: Any, events: str = "auto") -> None:
+        self._tracer = LineTracer(events)
         self._codes: dict[types.CodeType, str] = {}
         self._depth = 0
         self._saved_trace: Any = None
         self._saved_thread_trace: Any = None
         for function in functions:
             self.add_function(function)
+
+    @property
+    def line_events(self) -> str | None:
+        """``"sys.monitoring"`` or ``"settrace"``: where the line events came from (None before
+        the first enable)."""
+        return self._tracer.line_events
 
     def add_function(self, function: Any) -> None:
         code = code_of(function)

@@ -19,10 +19,11 @@
 //!   the original `ctx`: a reader that sees a half-written allocator struct still calls a
 //!   consistent pair.
 //!
-//! By topic: `runtime` (all of the engine's state in one value, the one way to reach it, and the
-//! interface the rest of the crate uses), `hooks` (what every allocator hook does), `domains` (CPython's three
-//! allocator domains), `numpy` (NumPy's array buffers), `sites` and `frames` (which line
-//! allocated), `trace` (line events for the line profiler); here, the few OS calls.
+//! By topic: `runtime` (all of the engine's state in one value, the one way to reach it, and
+//! the interface the rest of the crate uses), `hooks` (what every allocator hook does),
+//! `domains` (CPython's three allocator domains), `numpy` (NumPy's array buffers), `sites` and
+//! `frames` (which line allocated), `trace` and `monitoring` (line events for the line
+//! profiler, from the trace function and from `sys.monitoring`); here, the few OS calls.
 
 #[cfg(feature = "python")]
 mod domains;
@@ -32,6 +33,9 @@ mod frames;
 mod gil_cell;
 #[cfg(feature = "python")]
 mod hooks;
+#[cfg(feature = "python")]
+#[cfg_attr(not(Py_3_12), allow(dead_code))]
+pub(crate) mod monitoring;
 #[cfg(feature = "python")]
 mod numpy;
 #[cfg(feature = "python")]

@@ -14,6 +14,9 @@ pub enum TraceKind {
     Call,
     Line,
     Return,
+    /// A generator or coroutine goes on (from `sys.monitoring` only: the trace function
+    /// reports a call).
+    Resume,
 }
 
 /// A frame handed to the trace function, valid for the duration of the event.
