@@ -79,7 +79,7 @@ bench: install
 	$(PYTHON) bench/suites.py
 	$(PYTHON) bench/determinism.py
 
-# The Python suite on CPython 3.9, 3.13 and 3.14 in Debian chroots (root, debootstrap, network):
+# The Python suite on CPython 3.9, 3.13, 3.14 and 3.15 in Debian chroots (root, debootstrap, network):
 # the versions this machine lacks. By hand; not part of `make test`.
 versions:
 	.ci/versions

@@ -1,6 +1,6 @@
 fn main() {
     // `read_frames`: the hooks may read the interpreter's own frames
-    // (`src/engine/ffi/frames.rs`), whose layouts are written down for CPython 3.11 to 3.13
+    // (`src/engine/ffi/frames.rs`), whose layouts are written down for CPython 3.11 to 3.15
     // with the GIL.
     println!("cargo:rustc-check-cfg=cfg(read_frames)");
     #[cfg(feature = "python")]
@@ -10,7 +10,7 @@ fn main() {
         let config = pyo3_build_config::get();
         let version = config.version();
         let version = (version.major, version.minor);
-        if ((3, 11)..(3, 14)).contains(&version) && !config.is_free_threaded() {
+        if ((3, 11)..(3, 16)).contains(&version) && !config.is_free_threaded() {
             println!("cargo:rustc-cfg=read_frames");
         }
     }

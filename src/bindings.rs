@@ -301,7 +301,7 @@ pub fn rss_bytes() -> (Option<u64>, Option<u64>) {
 }
 
 /// How allocation sites are found: "frames" (the interpreter's own frames, read directly, on
-/// CPython 3.11 to 3.13 once their layout checked out), "public-api" (a frame object per lookup),
+/// CPython 3.11 to 3.15 once their layout checked out), "public-api" (a frame object per lookup),
 /// or "unchecked" before the first scope opens.
 #[pyfunction]
 pub fn site_lookup() -> &'static str {

@@ -156,13 +156,14 @@ def test_hypothesis_and_unseeded_random_give_the_same_figures_on_two_runs(
     # as it draws (getattr(data, f"draw_{kind}")) CPython's type cache keeps, from 3.12 in slots
     # chosen by their addresses, so how many it holds differs from process to process (KiBs of
     # 27 KiB on 3.13). The cache is cleared as the scope closes: the leaks are the same within
-    # some bytes. While the test runs the names are its memory: the peak moves a little.
+    # some bytes. While the test runs the names are its memory: the peak moves a little (up to
+    # 18 KiB of 4.4 MB seen on 3.14), far inside the gate's floor (64 KiB).
     for figure in ("peak_bytes", "leaked_bytes"):
         assert first[hypothesis_test][figure] > 4_000_000
     leaks = first[hypothesis_test]["leaked_bytes"], second[hypothesis_test]["leaked_bytes"]
     assert abs(leaks[0] - leaks[1]) < 1024, leaks
     peaks = first[hypothesis_test]["peak_bytes"], second[hypothesis_test]["peak_bytes"]
-    assert abs(peaks[0] - peaks[1]) < 16 * 1024, peaks
+    assert abs(peaks[0] - peaks[1]) < 32 * 1024, peaks
     # Another seed draws other values; `off` leaves the generators alone.
     other = figures(pytester, "--memprof-seed", "7")
     assert gated(other[random_test]) != gated(first[random_test])

@@ -1,9 +1,9 @@
-//! Reading the interpreter's own frames (3.11 to 3.13), as profilers such as py-spy and
+//! Reading the interpreter's own frames (3.11 to 3.15), as profilers such as py-spy and
 //! memray do: the public API would make a frame object for every frame that allocates.
 //!
 //! The layouts are those of CPython's headers (`Include/cpython/pystate.h`,
 //! `Include/internal/pycore_frame.h`) for each version, tested on 3.11 and (`make versions`)
-//! 3.13; 3.12's only by GitHub CI. Before first use they are checked against the public API on
+//! 3.13 to 3.15; 3.12's only by GitHub CI. Before first use they are checked against the public API on
 //! the caller's frame, and a mismatch keeps the public API (`site_lookup()` says which).
 
 use std::ffi::c_int;
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use pyo3::ffi;
 
 /// Where `PyThreadState` keeps the current frame: the `cframe` pointer, then the
-/// frame pointer inside `_PyCFrame` (3.11, 3.12); or the frame pointer itself (3.13).
+/// frame pointer inside `_PyCFrame` (3.11, 3.12); or the frame pointer itself (3.13 to 3.15).
 #[cfg(not(Py_3_12))]
 const PATH: (usize, Option<usize>) = (56, Some(8));
 #[cfg(all(Py_3_12, not(Py_3_13)))]
@@ -21,13 +21,22 @@ const PATH: (usize, Option<usize>) = (56, Some(0));
 const PATH: (usize, Option<usize>) = (72, None);
 
 /// Offsets in `_PyInterpreterFrame` of the code object, the previous frame, the
-/// instruction pointer and the owner byte.
+/// instruction pointer and the owner byte (3.14 and 3.15: `Include/internal/
+/// pycore_interpframe_structs.h`, read with `offsetof` against Debian sid's headers).
 #[cfg(not(Py_3_12))]
 const FRAME: (usize, usize, usize, usize) = (32, 48, 56, 69);
-#[cfg(Py_3_12)]
+#[cfg(all(Py_3_12, not(Py_3_14)))]
 const FRAME: (usize, usize, usize, usize) = (0, 8, 56, 70);
-/// Frames the interpreter pushes for C calls into it (3.12+), with no Python code.
-const OWNED_BY_CSTACK: u8 = 3;
+#[cfg(Py_3_14)]
+const FRAME: (usize, usize, usize, usize) = (0, 8, 56, 74);
+/// Frames with no Python code of their own have an owner from this value up: 3.12 and 3.13's
+/// `FRAME_OWNED_BY_CSTACK` (3), 3.14's `FRAME_OWNED_BY_INTERPRETER` (3) and `_CSTACK` (4), and
+/// 3.15's `_INTERPRETER` (3), which the interpreter pushes for calls from C into it.
+const OWNED_BY_INTERPRETER: u8 = 3;
+/// From 3.14 the code field is a stack reference, a pointer with tag bits in its low two
+/// (`Py_TAG_BITS`), which an object's alignment leaves free.
+#[cfg(Py_3_14)]
+const TAG_BITS: usize = 3;
 
 /// 0 untested, -1 refused, else the offset of the bytecode in a code object, which
 /// turns an instruction pointer into `PyFrame_GetLasti`'s byte offset.
@@ -88,8 +97,10 @@ pub(super) unsafe fn walk(tstate: *const u8) -> Option<(*mut ffi::PyObject, usiz
         let (code_at, previous_at, instr_at, owner_at) = FRAME;
         while !frame.is_null() {
             // Up to 3.11 every frame holds Python code: no frame is the C stack's.
-            if cfg!(not(Py_3_12)) || read::<u8>(frame, owner_at) != OWNED_BY_CSTACK {
+            if cfg!(not(Py_3_12)) || read::<u8>(frame, owner_at) < OWNED_BY_INTERPRETER {
                 let code: *mut ffi::PyObject = read(frame, code_at);
+                #[cfg(Py_3_14)]
+                let code = (code as usize & !TAG_BITS) as *mut ffi::PyObject;
                 if is_code(code) {
                     return Some((code, read(frame, instr_at)));
                 }

@@ -598,7 +598,7 @@ pub fn untraced<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
 }
 
 /// How the hooks find an allocation's line, decided when the first scope opens: by reading
-/// the interpreter's frames (3.11 to 3.13 with the GIL, once their layout checked out
+/// the interpreter's frames (3.11 to 3.15 with the GIL, once their layout checked out
 /// against the public API) or through the public API (other versions, or a layout that did
 /// not check out).
 pub fn site_lookup() -> &'static str {
