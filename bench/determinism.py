@@ -91,12 +91,17 @@ def gate(results: Path, baseline: Path) -> dict[str, object]:
     compare = memgauge("compare", str(results), "--baseline", str(baseline), "--format", "json")
     if compare.returncode not in (0, 1):
         sys.exit(compare.stderr)
-    verdict = json.loads(compare.stdout)
-    regressed = sorted({c["test"] for c in verdict["regressions"]})
+    # The report has a comparison per environment (one here).
+    comparisons = json.loads(compare.stdout)["environments"]
+
+    def tests(kind: str) -> set[str]:
+        return {c["test"] for comparison in comparisons for c in comparison.get(kind, [])}
+
+    regressed = sorted(tests("regressions"))
     return {
         "regressed": regressed,
-        "improved": sorted({c["test"] for c in verdict["improvements"]} - set(regressed)),
-        "noisy": len({c["test"] for c in verdict.get("noisy", [])}),
+        "improved": sorted(tests("improvements") - set(regressed)),
+        "noisy": len(tests("noisy")),
     }
 
 
