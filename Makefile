@@ -73,6 +73,7 @@ demo: install
 bench: install
 	$(PYTHON) -m pip install --quiet -e ".[bench]"
 	$(PYTHON) bench/engine.py
+	$(PYTHON) bench/hook_instructions.py
 	$(PYTHON) bench/gate.py
 	$(PYTHON) bench/lines.py
 	$(PYTHON) bench/run.py
