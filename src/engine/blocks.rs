@@ -9,7 +9,8 @@
 //!   `bench/engine.py` an insert or remove costs ~3 ns, against 10-15 ns for the hash tables
 //!   tried (`std`'s `HashMap`; open addressing with prefetch), whose lookups scatter by design;
 //! - a hash table, [`BlockTable`], for what does not fit a word: addresses not 16-aligned or
-//!   beyond 48 bits, sizes of 64 GiB and more, site ids past 2^20, more than 254 scope classes.
+//!   beyond 48 bits, sizes of 64 GiB and more, site ids past 2^20, more than 254 scope classes
+//!   in use at once (a class no word holds any more is given back when they run out).
 //!
 //! The leaves cost, in resident memory, at most half the span of small blocks they cover
 //! (8 bytes per 16); a hash entry per small block costs about as much. When the last scope
@@ -165,6 +166,13 @@ const CLASS_SHIFT: u32 = SIZE_BITS + SITE_BITS;
 /// A word's class: 0 is an empty word, [`IN_TABLE`] sends the lookup to the hash table.
 const IN_TABLE: u64 = 0xFF;
 const MAX_CLASSES: usize = IN_TABLE as usize - 1;
+/// A class slot given back by [`Blocks::reclaim_classes`], free for another (mask, epoch): no
+/// block has the epoch `u32::MAX`.
+const FREE_CLASS: (ScopeMask, u32) = (0, u32::MAX);
+/// A scan of the shadow map that gives back fewer class slots than this is not tried again for
+/// [`RECLAIM_WAIT`] new classes (which go to the table meanwhile).
+const RECLAIM_ENOUGH: usize = 32;
+const RECLAIM_WAIT: u32 = 64;
 
 /// Whether blocks of `class` ([`Blocks::class_of`]) go in shadow words.
 #[inline(always)]
@@ -246,6 +254,12 @@ pub struct Blocks {
     counting: [ScopeMask; 256],
     /// The class interned last, as (mask, epoch, class): nearly every allocation's.
     last_class: (ScopeMask, u32, u64),
+    /// Class slots no block uses any more, for new classes once all 254 were made: every scope
+    /// that opens while another is open makes a class (a test's first imports measured apart,
+    /// each round of a benchmark), and without them its blocks would go to the slower table.
+    free_classes: Vec<u8>,
+    /// New classes to make before the shadow map is scanned for free slots again.
+    reclaim_wait: u32,
     /// The open scopes and the epoch each was opened at.
     open: ScopeMask,
     epochs: [u32; MAX_SCOPES],
@@ -332,6 +346,8 @@ impl Default for Blocks {
             classes: Vec::new(),
             counting: [0; 256],
             last_class: (0, 0, 0),
+            free_classes: Vec::new(),
+            reclaim_wait: 0,
             open: 0,
             epochs: [0; MAX_SCOPES],
             spare: Vec::new(),
@@ -387,6 +403,8 @@ impl Blocks {
         self.counting[..=self.classes.len()].fill(0);
         self.classes.clear();
         self.last_class = (0, 0, 0);
+        self.free_classes.clear();
+        self.reclaim_wait = 0;
     }
 
     /// The open scopes, as bits by slot.
@@ -457,46 +475,105 @@ impl Blocks {
     /// The class of blocks allocated under `mask` at `epoch`, interned, for
     /// [`Blocks::insert_new`]: [`IN_TABLE`] when the classes ran out.
     pub fn class_of(&mut self, mask: ScopeMask, epoch: u32) -> u64 {
-        self.class(mask, epoch).unwrap_or(IN_TABLE)
+        self.class(mask, epoch, true).unwrap_or(IN_TABLE)
     }
 
     #[inline]
-    fn class(&mut self, mask: ScopeMask, epoch: u32) -> Option<u64> {
+    /// `may_reclaim`: whether running out of classes may scan for free slots (from
+    /// [`Blocks::class_of`], once per membership; not for each block that goes to the table).
+    fn class(&mut self, mask: ScopeMask, epoch: u32, may_reclaim: bool) -> Option<u64> {
         let (last_mask, last_epoch, class) = self.last_class;
         if (last_mask, last_epoch) == (mask, epoch) && class != 0 {
             return Some(class);
         }
-        self.find_class(mask, epoch)
+        self.find_class(mask, epoch, may_reclaim)
     }
 
     #[cold]
-    fn find_class(&mut self, mask: ScopeMask, epoch: u32) -> Option<u64> {
+    fn find_class(&mut self, mask: ScopeMask, epoch: u32, may_reclaim: bool) -> Option<u64> {
         let found = self
             .classes
             .iter()
             .rposition(|&class| class == (mask, epoch));
         let index = match found {
             Some(index) => index,
-            None if self.classes.len() < MAX_CLASSES => {
-                let counting = self.counting(&Block {
+            None => {
+                let index = if self.classes.len() < MAX_CLASSES {
+                    self.classes.push((mask, epoch));
+                    self.classes.len() - 1
+                } else {
+                    let slot = match self.free_classes.pop() {
+                        Some(slot) => slot,
+                        None if may_reclaim => {
+                            self.reclaim_classes(epoch);
+                            self.free_classes.pop()?
+                        }
+                        None => return None,
+                    };
+                    let index = usize::from(slot) - 1;
+                    self.classes[index] = (mask, epoch);
+                    index
+                };
+                self.counting[index + 1] = self.counting(&Block {
                     mask,
                     epoch,
                     ..Block::EMPTY
                 });
-                self.classes.push((mask, epoch));
-                self.counting[self.classes.len()] = counting;
-                self.classes.len() - 1
+                index
             }
-            None => return None,
         };
         let class = index as u64 + 1;
         self.last_class = (mask, epoch, class);
         Some(class)
     }
 
+    /// Gives back the class slots no word of the shadow map holds (blocks in the table keep
+    /// their mask and epoch, not a class). Slots of classes made at `epoch`, the newest, are
+    /// kept: a membership cached by the hooks may name one that no block carries yet. (Every
+    /// membership is computed again when a scope opens or closes, and a class is made for the
+    /// newest epoch only.)
+    #[cold]
+    #[inline(never)]
+    fn reclaim_classes(&mut self, epoch: u32) {
+        if self.reclaim_wait > 0 {
+            self.reclaim_wait -= 1;
+            return;
+        }
+        let mut used = [false; 256];
+        for &(key, index) in &self.in_use {
+            let Some(leaf) = self.top[key]
+                .as_ref()
+                .and_then(|region| region[index].as_ref())
+            else {
+                continue;
+            };
+            let chunks = leaf.words.chunks(1 << CHUNK_BITS).enumerate();
+            for (_, words) in chunks.filter(|(chunk, _)| leaf.dirty & 1 << chunk != 0) {
+                for word in words {
+                    used[(word >> CLASS_SHIFT) as usize] = true;
+                }
+            }
+        }
+        let before = self.free_classes.len();
+        for (index, class) in self.classes.iter_mut().enumerate() {
+            if !used[index + 1] && *class != FREE_CLASS && class.1 < epoch {
+                *class = FREE_CLASS;
+                self.counting[index + 1] = 0;
+                self.free_classes.push((index + 1) as u8);
+            }
+        }
+        let last = self.last_class.2 as usize;
+        if last != 0 && self.classes.get(last - 1) == Some(&FREE_CLASS) {
+            self.last_class = (0, 0, 0);
+        }
+        if self.free_classes.len() - before < RECLAIM_ENOUGH {
+            self.reclaim_wait = RECLAIM_WAIT;
+        }
+    }
+
     #[inline]
     fn pack(&mut self, block: &Block) -> u64 {
-        match self.class(block.mask, block.epoch) {
+        match self.class(block.mask, block.epoch, false) {
             Some(class) if fits(block.size, block.site) => word(block.size, block.site, class),
             _ => IN_TABLE << CLASS_SHIFT,
         }
@@ -737,6 +814,39 @@ mod tests {
                 Some(scoped(epoch as usize, 1, 1, epoch))
             );
         }
+    }
+
+    #[test]
+    fn classes_no_block_holds_are_given_back() {
+        // A scope opening inside another, a thousand times (first uses measured apart): each
+        // makes a class. Most stretches' blocks go; every tenth stays, and keeps its class.
+        let mut blocks = Blocks::default();
+        let kept: Vec<u32> = (0..1000u32).filter(|epoch| epoch % 10 == 0).collect();
+        for epoch in 0..1000u32 {
+            let address = 0x10_0000 + 16 * epoch as usize;
+            // As the tracker records an allocation: the class of its membership, then the word.
+            let class = blocks.class_of(1 << (epoch % 3), epoch);
+            if !blocks.insert_new(address, 64, 1, class) {
+                blocks.insert(address, scoped(64, 1, 1 << (epoch % 3), epoch));
+            }
+            if epoch % 10 != 0 {
+                assert_eq!(
+                    blocks.remove(address),
+                    Some(scoped(64, 1, 1 << (epoch % 3), epoch))
+                );
+            }
+        }
+        // The slots came back: every block is a word of the shadow map, none in the table.
+        assert_eq!(blocks.table.len(), 0);
+        for &epoch in &kept {
+            let address = 0x10_0000 + 16 * epoch as usize;
+            assert_eq!(
+                blocks.remove(address),
+                Some(scoped(64, 1, 1 << (epoch % 3), epoch)),
+                "epoch {epoch}"
+            );
+        }
+        assert!(blocks.is_empty());
     }
 
     proptest::proptest! {
