@@ -52,32 +52,30 @@ def run(n: int, traced: bool, out: str) -> tuple[int, collections.Counter[str]]:
     return parse(out)
 
 
+NAMED = re.compile(r"c?fn=\((\d+)\)(?: (.*))?")
+
+
 def parse(path: str) -> tuple[int, collections.Counter[str]]:
     """The total of a callgrind profile, and the calls made to each hook function."""
-    names: dict[str, str] = {}
+    names: dict[str, str] = {}  # callgrind names a function once, then by its number
     calls: collections.Counter[str] = collections.Counter()
     total = 0
     target = ""
     with open(path) as profile:
         for line in profile:
-            if line.startswith("summary:") or line.startswith("totals:"):
+            named = NAMED.match(line.rstrip("\n"))
+            if named:
+                number, name = named.groups()
+                if name:
+                    names[number] = name
+                if line.startswith("cfn="):
+                    target = names.get(number, "")
+            elif line.startswith(("summary:", "totals:")):
                 total = int(line.split()[1])
-            elif line.startswith("cfn="):
-                # cfn=(id) name, or cfn=(id) for a name given before.
-                match = re.match(r"cfn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
-                if match:
-                    ident, name = match.groups()
-                    if name:
-                        names[ident] = name
-                    target = names.get(ident, "")
             elif line.startswith("calls=") and target:
                 hook = HOOK.search(target)
                 if hook:
                     calls[hook.group(1)] += int(line.split("=")[1].split()[0])
-            elif line.startswith("fn="):
-                match = re.match(r"fn=\((\d+)\)(?: (.*))?", line.rstrip("\n"))
-                if match and match.group(2):
-                    names[match.group(1)] = match.group(2)
     return total, calls
 
 

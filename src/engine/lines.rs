@@ -212,8 +212,9 @@ struct Event {
 }
 
 impl LineState {
-    /// `line`: the line the frame is at, asked only of line and resume events.
-    fn on_event(&mut self, py: Python<'_>, event: Event, line: impl FnOnce() -> i32) {
+    /// `line`: the line the frame is at, asked only of line and resume events, given the code's
+    /// first line (for an instruction that has none).
+    fn on_event(&mut self, py: Python<'_>, event: Event, line: impl FnOnce(i32) -> i32) {
         let thread = ffi::python_thread_key(py);
         if self.stacks.first().map(|(key, _)| *key) != Some(thread) {
             self.switch_thread(thread);
@@ -266,7 +267,7 @@ impl LineState {
             (TraceKind::Resume, _) => {
                 // A generator or coroutine goes on, inside the line it stopped at.
                 let mut record = FrameRecord::new(event.frame, event.code, code, live);
-                record.line = Some(line());
+                record.line = Some(line(self.codes[code].first_line));
                 stack.push(record);
             }
             (TraceKind::Line, found) => {
@@ -277,7 +278,7 @@ impl LineState {
                 });
                 let record = &mut stack[index];
                 record.close_line(&mut self.codes, live, rss);
-                record.line = Some(line());
+                record.line = Some(line(self.codes[code].first_line));
                 record.start_live = live;
                 record.max_live = live;
             }
@@ -287,6 +288,11 @@ impl LineState {
             }
             (TraceKind::Return, None) => {}
         }
+    }
+
+    /// The profiled code objects, for calls to `sys.monitoring` made with the state let go.
+    fn code_refs(&self, py: Python<'_>) -> Vec<Py<PyCode>> {
+        self.codes.iter().map(|c| c.code.clone_ref(py)).collect()
     }
 
     /// Puts the stack of `thread` first, making one for a thread new to the profiler.
@@ -313,7 +319,7 @@ fn handle(py: Python<'_>, tracer: &Bound<'_, PyAny>, kind: TraceKind, frame: Tra
         frame: frame.key(),
         code: frame.code(),
     };
-    if tracer.get().on_event(py, event, || frame.line()) == Some(false) {
+    if tracer.get().on_event(py, event, |_| frame.line()) == Some(false) {
         // Disabled while this thread still had the trace function: take it off.
         ffi::set_trace(py, None, false);
     }
@@ -326,7 +332,12 @@ fn busy() -> PyErr {
 impl LineTracer {
     /// Hands an event to the state; Some(false) when the tracer is disabled, None when the state
     /// is in use further up this thread.
-    fn on_event(&self, py: Python<'_>, event: Event, line: impl FnOnce() -> i32) -> Option<bool> {
+    fn on_event(
+        &self,
+        py: Python<'_>,
+        event: Event,
+        line: impl FnOnce(i32) -> i32,
+    ) -> Option<bool> {
         self.state.with(py, |state| {
             if state.scope.is_none() {
                 return false;
@@ -441,9 +452,7 @@ impl LineTracer {
                 let scope = Scope::open_all_threads(py, 0)
                     .map_err(|error| PyRuntimeError::new_err(error.to_string()))?;
                 state.scope = Some(scope);
-                let codes: Vec<Py<PyCode>> =
-                    state.codes.iter().map(|c| c.code.clone_ref(py)).collect();
-                Ok((state.requested, codes))
+                Ok((state.requested, state.code_refs(py)))
             })
             .ok_or_else(busy)??;
         #[cfg(Py_3_12)]
@@ -502,9 +511,7 @@ impl LineTracer {
                 let tool = state.tool.take();
                 #[cfg(not(Py_3_12))]
                 let tool = None::<u8>;
-                let codes: Vec<Py<PyCode>> =
-                    state.codes.iter().map(|c| c.code.clone_ref(py)).collect();
-                (state.scope.take(), tool, codes)
+                (state.scope.take(), tool, state.code_refs(py))
             })
             .ok_or_else(busy)?;
         #[cfg(Py_3_12)]
@@ -585,20 +592,12 @@ fn monitored(
         frame: 0,
         code: code.as_ptr() as usize,
     };
-    let _ = tracer.get().on_event(py, event, || {
-        if kind == TraceKind::Line {
-            return number;
-        }
-        // A resume: the line of the instruction it goes on at.
-        match code.cast::<PyCode>() {
-            Ok(code) => {
-                let first = code
-                    .getattr("co_firstlineno")
-                    .and_then(|line| line.extract())
-                    .unwrap_or(0);
-                ffi::monitoring::code_line(code, number, first)
-            }
-            Err(_) => 0,
+    let _ = tracer.get().on_event(py, event, |first_line| {
+        match (kind, code.cast::<PyCode>()) {
+            (TraceKind::Line, _) => number,
+            // A resume: the line of the instruction it goes on at.
+            (_, Ok(code)) => ffi::monitoring::code_line(code, number, first_line),
+            (_, Err(_)) => first_line,
         }
     });
 }

@@ -672,8 +672,7 @@ pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -
 /// Runs `f` on the tracker, if there is one, without touching the hooks: for reading figures
 /// of an open scope often (the line profiler does at every line).
 pub(crate) fn with_tracker<R>(py: Python<'_>, f: impl FnOnce(&mut Tracker) -> R) -> Option<R> {
-    let mut claim = RUNTIME.claim_with_gil(py);
-    claim.engine().map(|engine| f(&mut engine.tracker))
+    with_engine_if_any(py, |engine| f(&mut engine.tracker))
 }
 
 /// Runs `f` on the engine, if there is one, without touching the hooks: for the site table.
