@@ -3,6 +3,14 @@ fn main() {
     // (`src/engine/ffi/frames.rs`), whose layouts are written down for CPython 3.11 to 3.15
     // with the GIL.
     println!("cargo:rustc-check-cfg=cfg(read_frames)");
+    // `native_hooks`: the malloc family can be interposed in the loaded objects' GOT slots
+    // (`src/engine/ffi/native.rs`): ELF on Linux, and x86_64, where the `dlopen` trampoline
+    // is written.
+    println!("cargo:rustc-check-cfg=cfg(native_hooks)");
+    let target = |key: &str| std::env::var(key).unwrap_or_default();
+    if target("CARGO_CFG_TARGET_OS") == "linux" && target("CARGO_CFG_TARGET_ARCH") == "x86_64" {
+        println!("cargo:rustc-cfg=native_hooks");
+    }
     #[cfg(feature = "python")]
     {
         // The Py_3_* cfgs select the C API of the Python being built for.

@@ -16,6 +16,7 @@ use crate::model::{results, size};
 pub struct PyScope {
     top_sites: usize,
     apart: bool,
+    native: bool,
     open: Option<Scope>,
     result: Option<Measurement>,
 }
@@ -39,12 +40,14 @@ impl PyScope {
 impl PyScope {
     /// `apart=True`: what this stretch allocates counts here and not in the scopes already
     /// open (the pytest plugin measures a test's first imports this way); it reads no RSS.
+    /// `native=True`: what C code allocates with the malloc family counts too (Linux, x86_64).
     #[new]
-    #[pyo3(signature = (top_sites = 10, *, apart = false))]
-    fn new(top_sites: usize, apart: bool) -> Self {
+    #[pyo3(signature = (top_sites = 10, *, apart = false, native = false))]
+    fn new(top_sites: usize, apart: bool, native: bool) -> Self {
         PyScope {
             top_sites,
             apart,
+            native,
             open: None,
             result: None,
         }
@@ -63,8 +66,8 @@ impl PyScope {
         } else {
             Scope::open
         };
-        let scope =
-            open(py, self.top_sites).map_err(|error| PyRuntimeError::new_err(error.to_string()))?;
+        let scope = open(py, self.top_sites, self.native)
+            .map_err(|error| PyRuntimeError::new_err(error.to_string()))?;
         self.open = Some(scope);
         Ok(())
     }
@@ -137,6 +140,12 @@ impl PyScope {
     #[getter]
     fn numpy_traced(&self) -> PyResult<bool> {
         Ok(self.result()?.numpy_traced)
+    }
+
+    /// True when the malloc family was traced (asked for, and on Linux x86_64).
+    #[getter]
+    fn native_traced(&self) -> PyResult<bool> {
+        Ok(self.result()?.native_traced)
     }
 
     #[getter]
@@ -306,6 +315,19 @@ pub fn rss_bytes() -> (Option<u64>, Option<u64>) {
 #[pyfunction]
 pub fn site_lookup() -> &'static str {
     crate::engine::ffi::site_lookup()
+}
+
+/// Whether native allocations can be traced here (Linux on x86_64).
+#[pyfunction]
+pub fn native_supported() -> bool {
+    crate::engine::ffi::native_supported()
+}
+
+/// The loaded objects' GOT slots of the malloc family, walked now: (how many, how many hold
+/// memgauge's hooks). For tests: none does once the last native scope has closed.
+#[pyfunction]
+pub fn native_slots(py: Python<'_>) -> (usize, usize) {
+    crate::engine::ffi::native_slots(py)
 }
 
 /// Runs the `memgauge` command line with `argv` (program name first); returns the exit code.

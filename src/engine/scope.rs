@@ -30,6 +30,9 @@ pub struct Measurement {
     pub rss_delta_bytes: Option<i64>,
     pub rss_sampled: bool,
     pub numpy_traced: bool,
+    /// Whether the malloc family was traced (the scope, or one it is inside, asked for it, and
+    /// the platform has it: [`crate::engine::ffi::native_supported`]).
+    pub native_traced: bool,
     pub duration_s: f64,
     /// The lines that held the most at the peak, largest first.
     pub top_sites: Vec<SiteBytes>,
@@ -66,21 +69,27 @@ fn running_threads(py: Python<'_>) -> Vec<u64> {
 
 impl Scope {
     /// Opens a scope on the calling thread, reporting up to `top_sites` lines at the peak.
-    pub fn open(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
-        Self::open_following(py, top_sites, running_threads(py), false)
+    /// `native`: the malloc family is traced too while the scope is open (see
+    /// [`native_supported`]).
+    pub fn open(py: Python<'_>, top_sites: usize, native: bool) -> Result<Scope, TrackerError> {
+        Self::open_following(py, top_sites, running_threads(py), false, native)
     }
 
     /// Opens a scope measured apart: until it closes, the calling thread's allocations (and
     /// those of threads it starts) count in it and not in the scopes already open, which never
     /// see those blocks, their frees included. It reads no RSS: the enclosing scope's window
     /// stays undisturbed.
-    pub fn open_apart(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
-        Self::open_following(py, top_sites, running_threads(py), true)
+    pub fn open_apart(
+        py: Python<'_>,
+        top_sites: usize,
+        native: bool,
+    ) -> Result<Scope, TrackerError> {
+        Self::open_following(py, top_sites, running_threads(py), true, native)
     }
 
     /// Opens a scope that follows every thread, the ones running now included.
     pub fn open_all_threads(py: Python<'_>, top_sites: usize) -> Result<Scope, TrackerError> {
-        Self::open_following(py, top_sites, Vec::new(), false)
+        Self::open_following(py, top_sites, Vec::new(), false, false)
     }
 
     fn open_following(
@@ -88,6 +97,7 @@ impl Scope {
         top_sites: usize,
         threads_before: Vec<u64>,
         apart: bool,
+        native: bool,
     ) -> Result<Scope, TrackerError> {
         // A free-threaded build re-enables the GIL when it imports the engine (the module says
         // it needs it), unless the user forced it off: then the hooks would race, so nothing opens.
@@ -106,6 +116,7 @@ impl Scope {
                 .tracker
                 .open_scope_as(opener, threads_before, apart)?;
             engine.set_siteless(slot, top_sites == 0);
+            engine.set_native(slot, native);
             Ok(slot)
         });
         let slot = match slot {
@@ -140,6 +151,7 @@ impl Scope {
             return Measurement::default();
         };
         let numpy_traced = ffi::numpy_traced();
+        let native_traced = ffi::native_traced();
         let figures =
             ffi::with_engine(py, |engine| engine.tracker.close_scope(slot)).unwrap_or_default();
         let duration_s = self.started.elapsed().as_secs_f64();
@@ -180,6 +192,7 @@ impl Scope {
             rss_delta_bytes: rss.delta_bytes,
             rss_sampled: rss.sampled,
             numpy_traced,
+            native_traced,
             duration_s,
             top_sites,
             leak_sites,

@@ -31,11 +31,15 @@ mod domains;
 mod frames;
 #[cfg(feature = "python")]
 mod gil_cell;
+#[cfg(native_hooks)]
+mod got;
 #[cfg(feature = "python")]
 mod hooks;
 #[cfg(feature = "python")]
 #[cfg_attr(not(Py_3_12), allow(dead_code))]
 pub(crate) mod monitoring;
+#[cfg(all(feature = "python", native_hooks))]
+mod native;
 #[cfg(feature = "python")]
 mod numpy;
 #[cfg(feature = "python")]
@@ -49,6 +53,8 @@ mod trace;
 pub(crate) use gil_cell::GilRefCell;
 #[cfg(feature = "python")]
 pub use numpy::numpy_traced;
+#[cfg(feature = "python")]
+pub use runtime::{native_slots, native_supported, native_traced};
 #[cfg(feature = "python")]
 pub use runtime::{site_lookup, untraced};
 #[cfg(feature = "python")]

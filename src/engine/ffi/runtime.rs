@@ -33,6 +33,8 @@ use super::current_thread_id;
 use super::domains::{install_pymem_hooks, uninstall_pymem_hooks, Allocators};
 #[cfg(read_frames)]
 use super::frames;
+#[cfg(native_hooks)]
+use super::native::NativePatch;
 use super::numpy::{patch_numpy, unpatch_numpy, NumpyPatch};
 use super::sites::SiteTable;
 use crate::engine::tracker::{Membership, ScopeMask, Tracker, NATIVE_SITE};
@@ -44,6 +46,9 @@ pub(crate) struct Engine {
     /// Open scopes that report no sites (the line profiler's): while only they are open,
     /// the hooks skip the frame lookup.
     siteless: ScopeMask,
+    /// Open scopes that trace native allocations: while one is open, the malloc family's
+    /// slots hold the hooks.
+    native: ScopeMask,
 }
 
 impl Engine {
@@ -54,6 +59,19 @@ impl Engine {
         } else {
             self.siteless & !bit
         };
+    }
+
+    pub(crate) fn set_native(&mut self, slot: usize, native: bool) {
+        let bit = 1 << slot;
+        self.native = if native {
+            self.native | bit
+        } else {
+            self.native & !bit
+        };
+    }
+
+    fn wants_native(&self) -> bool {
+        self.tracker.open_mask() & self.native != 0
     }
 
     fn wants_sites(&self) -> bool {
@@ -187,7 +205,16 @@ pub(super) struct Runtime {
     pub(super) allocators: Allocators,
     /// NumPy's default data handler, while its functions are wrapped.
     pub(super) numpy: NumpyPatch,
+    /// The malloc family's hooks, and the slots they are written into.
+    #[cfg(native_hooks)]
+    pub(super) native: NativePatch,
 }
+
+/// Where the `dlopen` trampoline finds the runtime's fields.
+#[cfg(native_hooks)]
+pub(super) const HAS_PENDING_OFFSET: usize = std::mem::offset_of!(Runtime, has_pending);
+#[cfg(native_hooks)]
+pub(super) const NATIVE_OFFSET: usize = std::mem::offset_of!(Runtime, native);
 
 // SAFETY: everything but `engine` is atomic (or a lock); `engine` is reached only through a
 // claim, which one thread at a time holds (the module's argument).
@@ -209,6 +236,8 @@ pub(super) static RUNTIME: Runtime = Runtime {
     engine: UnsafeCell::new(None),
     allocators: Allocators::UNSET,
     numpy: NumpyPatch::UNSET,
+    #[cfg(native_hooks)]
+    native: NativePatch::UNSET,
 };
 
 /// The GIL holder's claim on the engine (see the module's argument): while it lives, the
@@ -430,7 +459,13 @@ impl Runtime {
     /// Installs the hooks (and, on Unix, the fork handlers) when a scope is open, and takes
     /// them out when none is. Called with the busy flag set and no claim, after
     /// [`thread_state_checked`] said yes.
-    fn install_or_uninstall(&'static self, py: Python<'_>, idle: bool) {
+    fn install_or_uninstall(&'static self, py: Python<'_>, idle: bool, native: bool) {
+        #[cfg(native_hooks)]
+        if idle || !native {
+            self.native.uninstall();
+        }
+        #[cfg(not(native_hooks))]
+        let _ = native;
         if idle {
             uninstall_pymem_hooks(py);
             unpatch_numpy(py);
@@ -444,6 +479,10 @@ impl Runtime {
         handle_forks();
         install_pymem_hooks(py);
         patch_numpy(py);
+        #[cfg(native_hooks)]
+        if native {
+            self.native.install();
+        }
     }
 
     // ----- fork -----
@@ -547,6 +586,9 @@ impl Drop for Claim {
 #[cold]
 #[inline(never)]
 fn apply_pending(engine: &mut Option<Engine>) {
+    // The `dlopen` trampoline sets the flag too: the objects it loaded get the hooks.
+    #[cfg(native_hooks)]
+    RUNTIME.native.refresh();
     let events = {
         let mut queue = RUNTIME.pending.lock();
         RUNTIME.has_pending.store(false, Relaxed);
@@ -640,11 +682,12 @@ pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -
         };
         // The claim ends before the hooks are installed and NumPy is patched, which may run
         // Python code.
-        let (result, idle) = {
+        let (result, idle, native) = {
             let mut claim = RUNTIME.claim_with_gil(py);
             let engine = claim.engine_or_new();
             let result = f(engine);
             let idle = engine.tracker.is_idle();
+            let native = engine.wants_native();
             let sites = match (engine.wants_sites(), frames_validated()) {
                 (false, _) => SITES_NONE,
                 (true, true) => SITES_FRAMES,
@@ -662,9 +705,9 @@ pub(crate) fn with_engine<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -
                 },
                 Release,
             );
-            (result, idle)
+            (result, idle, native)
         };
-        RUNTIME.install_or_uninstall(py, idle);
+        RUNTIME.install_or_uninstall(py, idle, native);
         result
     })
 }
@@ -679,4 +722,32 @@ pub(crate) fn with_tracker<R>(py: Python<'_>, f: impl FnOnce(&mut Tracker) -> R)
 pub(super) fn with_engine_if_any<R>(py: Python<'_>, f: impl FnOnce(&mut Engine) -> R) -> Option<R> {
     let mut claim = RUNTIME.claim_with_gil(py);
     claim.engine().map(f)
+}
+
+/// Whether this build can trace native allocations: Linux on x86_64 (see `native`).
+pub fn native_supported() -> bool {
+    cfg!(native_hooks)
+}
+
+/// Whether the malloc family's slots hold the hooks now.
+pub fn native_traced() -> bool {
+    #[cfg(native_hooks)]
+    return RUNTIME.native.installed();
+    #[cfg(not(native_hooks))]
+    return false;
+}
+
+/// The loaded objects' slots for the interposed functions, walked now: how many there are and
+/// how many hold a hook. For tests: after the last native scope, none does.
+pub fn native_slots(py: Python<'_>) -> (usize, usize) {
+    #[cfg(native_hooks)]
+    return RUNTIME.untraced(|| {
+        let _ = py;
+        RUNTIME.native.slots_hold_hooks()
+    });
+    #[cfg(not(native_hooks))]
+    {
+        let _ = py;
+        (0, 0)
+    }
 }

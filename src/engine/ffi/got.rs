@@ -1,0 +1,469 @@
+//! The calls loaded ELF objects make to the malloc family, rerouted: each object calls a
+//! function of another through a slot of its global offset table, which the dynamic loader
+//! filled in; writing a hook's address into the slot makes that object's calls go to the hook.
+//! No `LD_PRELOAD` needed, so it works in a process that is already running (pytest).
+//!
+//! A slot is patched only when it holds the function the hooks call on (the global
+//! definition) or, bound lazily, still points into its own object's PLT: a slot that holds
+//! something else belongs to an object with an allocator of its own, which is left alone.
+//! Every patched slot's value from before is kept and written back on [`Patches::restore`],
+//! with its page's protection as it was. The dynamic loader, the vdso and memgauge's own
+//! library are never patched: the loader allocates for itself, and the hooks' own calls must
+//! reach the real functions.
+
+#![cfg_attr(not(feature = "python"), allow(dead_code))]
+
+use std::collections::HashMap;
+use std::ffi::{c_int, c_void, CStr};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use object::elf;
+use object::NativeEndian as NE;
+
+/// A function the hooks interpose: its name, where the hooks call it, and the hook.
+#[derive(Clone, Copy)]
+pub(super) struct Interposed {
+    pub(super) name: &'static CStr,
+    pub(super) real: usize,
+    pub(super) hook: usize,
+}
+
+/// One slot found in a walk of the loaded objects.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Slot {
+    address: usize,
+    /// The index of its function in the [`Interposed`] table.
+    function: usize,
+    /// The bounds of its object's mapped segments, which a lazily bound slot points into.
+    object: (usize, usize),
+    /// Whether it lies in the object's RELRO range, made read-only after relocation.
+    relro: bool,
+}
+
+/// The slots patched now, and what the last walk found.
+#[derive(Default)]
+pub(super) struct Patches {
+    /// The slots of the last walk, and the loader's (adds, subs) counters then.
+    slots: Vec<Slot>,
+    walked: Option<(u64, u64)>,
+    /// Each patched slot's value from before.
+    originals: HashMap<usize, usize>,
+}
+
+impl Patches {
+    /// Patches every slot of the loaded objects that calls one of `functions`, walking the
+    /// objects again only if one was loaded or unloaded since the last walk. Returns how many
+    /// slots hold a hook now.
+    ///
+    /// # Safety
+    /// Each hook has the signature of its function, and `functions` is the same table each
+    /// time. Called by one thread at a time.
+    pub(super) unsafe fn patch(&mut self, functions: &[Interposed], own: usize) -> usize {
+        let counters = loader_counters();
+        if self.walked != Some(counters) {
+            // SAFETY: as the caller promised.
+            self.slots = unsafe { walk(functions, own) };
+            self.walked = Some(counters);
+            // Objects unloaded since: their slots are gone with them.
+            let current: std::collections::HashSet<usize> =
+                self.slots.iter().map(|slot| slot.address).collect();
+            self.originals.retain(|address, _| current.contains(address));
+        }
+        let mut writes = Vec::new();
+        for slot in &self.slots {
+            let function = &functions[slot.function];
+            // SAFETY: the slot is a word of a loaded object's GOT, found in its relocations.
+            let value = unsafe { read_slot(slot.address) };
+            if value == function.hook {
+                continue;
+            }
+            let lazily_bound = (slot.object.0..slot.object.1).contains(&value);
+            if value != function.real && !lazily_bound {
+                continue; // An allocator of the object's own.
+            }
+            self.originals.insert(slot.address, value);
+            writes.push((*slot, function.hook));
+        }
+        // SAFETY: each write puts a hook of the slot's function in it (the caller's promise).
+        unsafe { write_slots(&writes) };
+        self.originals.len()
+    }
+
+    /// Writes back every patched slot that still holds our hook (another tool that patched it
+    /// since keeps its own), walking the objects again if one was unloaded.
+    ///
+    /// # Safety
+    /// As [`Patches::patch`].
+    pub(super) unsafe fn restore(&mut self, functions: &[Interposed], own: usize) {
+        if self.originals.is_empty() {
+            return;
+        }
+        let counters = loader_counters();
+        if self.walked.map(|(_, subs)| subs) != Some(counters.1) {
+            // SAFETY: as the caller promised.
+            self.slots = unsafe { walk(functions, own) };
+            self.walked = Some(counters);
+        }
+        let mut writes = Vec::new();
+        for slot in &self.slots {
+            let Some(&original) = self.originals.get(&slot.address) else {
+                continue;
+            };
+            // SAFETY: the slot is a word of a loaded object's GOT (walked since the last unload).
+            if unsafe { read_slot(slot.address) } == functions[slot.function].hook {
+                writes.push((*slot, original));
+            }
+        }
+        // SAFETY: each write puts back the value the slot had before we patched it.
+        unsafe { write_slots(&writes) };
+        self.originals.clear();
+    }
+
+    /// Walks the loaded objects again, writing nothing: for [`Patches::slot_values`].
+    ///
+    /// # Safety
+    /// As [`Patches::patch`].
+    pub(super) unsafe fn walk_only(&mut self, functions: &[Interposed], own: usize) {
+        // SAFETY: as the caller promised.
+        self.slots = unsafe { walk(functions, own) };
+        self.walked = Some(loader_counters());
+    }
+
+    /// Every slot of the last walk with its value now: for the test that all were restored.
+    pub(super) fn slot_values(&self) -> Vec<(usize, usize)> {
+        self.slots
+            .iter()
+            // SAFETY: the slots are of objects loaded at the last walk; callers walk first.
+            .map(|slot| (slot.address, unsafe { read_slot(slot.address) }))
+            .collect()
+    }
+}
+
+/// The loader's counters of objects added and removed since the process started.
+pub(super) fn loader_counters() -> (u64, u64) {
+    unsafe extern "C" fn first(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: the loader passes a valid info; `data` is the counters below.
+        unsafe {
+            *data.cast::<(u64, u64)>() = ((*info).dlpi_adds, (*info).dlpi_subs);
+        }
+        1 // The first object is enough.
+    }
+    let mut counters = (0u64, 0u64);
+    // SAFETY: the callback only writes the counters, which outlive the call.
+    unsafe { libc::dl_iterate_phdr(Some(first), (&mut counters as *mut (u64, u64)).cast()) };
+    counters
+}
+
+struct Walk<'a> {
+    functions: &'a [Interposed],
+    own: usize,
+    slots: Vec<Slot>,
+}
+
+/// Every GOT slot, in every loaded object but the skipped ones, that a relocation binds to one
+/// of `functions` by name.
+///
+/// # Safety
+/// Called by one thread at a time (the loader's lock keeps objects from going meanwhile).
+unsafe fn walk(functions: &[Interposed], own: usize) -> Vec<Slot> {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: the loader passes a valid info of a loaded object, and `data` is the walk.
+        unsafe { visit_object(&*info, &mut *data.cast::<Walk>()) };
+        0
+    }
+    let mut walk = Walk {
+        functions,
+        own,
+        slots: Vec::new(),
+    };
+    // SAFETY: the callback reads the objects the loader lists, while it holds them loaded.
+    unsafe { libc::dl_iterate_phdr(Some(visit), (&mut walk as *mut Walk).cast()) };
+    walk.slots.sort_by_key(|slot| slot.address);
+    walk.slots.dedup_by_key(|slot| slot.address);
+    walk.slots
+}
+
+/// Objects never patched, by file name: the dynamic loader (which allocates for itself before
+/// and while it loads objects) and the kernel's vdso.
+fn skipped(name: &[u8]) -> bool {
+    let file = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
+    ["ld-linux", "ld-musl", "ld64.so", "ld.so", "linux-vdso", "linux-gate"]
+        .iter()
+        .any(|prefix| file.starts_with(prefix.as_bytes()))
+}
+
+/// # Safety
+/// `info` describes a loaded object, which stays loaded during the call.
+unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
+    let base = info.dlpi_addr as usize;
+    let name = if info.dlpi_name.is_null() {
+        &[][..]
+    } else {
+        // SAFETY: the loader's names are NUL-terminated strings.
+        unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes()
+    };
+    if skipped(name) {
+        return;
+    }
+    // SAFETY: the loader gives the program headers' address and count.
+    let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum.into()) };
+    let (mut start, mut end) = (usize::MAX, 0);
+    let mut dynamic = None;
+    let mut relro = (0, 0);
+    for header in headers {
+        let from = base + header.p_vaddr as usize;
+        let to = from + header.p_memsz as usize;
+        match header.p_type {
+            libc::PT_LOAD => (start, end) = (start.min(from), end.max(to)),
+            libc::PT_DYNAMIC => dynamic = Some(from),
+            libc::PT_GNU_RELRO => relro = (from, to),
+            _ => {}
+        }
+    }
+    if (start..end).contains(&walk.own) {
+        return; // memgauge's own library: the hooks call the real functions through it.
+    }
+    let Some(dynamic) = dynamic else {
+        return;
+    };
+    // SAFETY: the dynamic section of a loaded object, relocated by the loader.
+    let Some(tables) = (unsafe { Tables::read(dynamic as *const elf::Dyn64<NE>, base) }) else {
+        return;
+    };
+    for (table, size) in [tables.plt, tables.rela] {
+        let count = size / std::mem::size_of::<elf::Rela64<NE>>();
+        if table == 0 || count == 0 {
+            continue;
+        }
+        // SAFETY: the loader mapped the table the dynamic section names, `size` bytes long.
+        let relocations =
+            unsafe { std::slice::from_raw_parts(table as *const elf::Rela64<NE>, count) };
+        for relocation in relocations {
+            if !binds_a_slot(relocation.r_type(NE, false)) {
+                continue;
+            }
+            let symbol = relocation.r_sym(NE, false) as usize;
+            // SAFETY: the relocation's symbol is an entry of the object's symbol table, and its
+            // name an offset into the string table.
+            let symbol_name = unsafe {
+                let symbol = &*(tables.symbols as *const elf::Sym64<NE>).add(symbol);
+                let offset = symbol.st_name.get(NE) as usize;
+                if offset >= tables.strings_size {
+                    continue;
+                }
+                CStr::from_ptr((tables.strings + offset) as *const _)
+            };
+            let Some(function) = walk
+                .functions
+                .iter()
+                .position(|f| f.real != 0 && f.name == symbol_name)
+            else {
+                continue;
+            };
+            let address = base + relocation.r_offset.get(NE) as usize;
+            walk.slots.push(Slot {
+                address,
+                function,
+                object: (start, end),
+                relro: (relro.0..relro.1).contains(&address),
+            });
+        }
+    }
+}
+
+/// Whether a relocation type fills a GOT slot with a function's address: a PLT slot
+/// (`JUMP_SLOT`, called through) or a GOT entry (`GLOB_DAT`, as `-fno-plt` calls through, or a
+/// function pointer taken).
+fn binds_a_slot(kind: u32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return kind == elf::R_X86_64_JUMP_SLOT || kind == elf::R_X86_64_GLOB_DAT;
+    #[cfg(target_arch = "aarch64")]
+    return kind == elf::R_AARCH64_JUMP_SLOT || kind == elf::R_AARCH64_GLOB_DAT;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return {
+        let _ = kind;
+        false
+    };
+}
+
+/// Where an object's relocation, symbol and string tables are.
+struct Tables {
+    plt: (usize, usize),
+    rela: (usize, usize),
+    symbols: usize,
+    strings: usize,
+    strings_size: usize,
+}
+
+impl Tables {
+    /// # Safety
+    /// `dynamic` is a loaded object's dynamic section, ended by `DT_NULL`.
+    unsafe fn read(mut dynamic: *const elf::Dyn64<NE>, base: usize) -> Option<Tables> {
+        // The loader relocates the addresses in place, except in a few objects (the vdso):
+        // an address below the base is still relative to it.
+        let address = |value: u64| {
+            let value = value as usize;
+            if value < base {
+                value + base
+            } else {
+                value
+            }
+        };
+        let mut tables = Tables {
+            plt: (0, 0),
+            rela: (0, 0),
+            symbols: 0,
+            strings: 0,
+            strings_size: 0,
+        };
+        let mut plt_is_rela = true;
+        loop {
+            // SAFETY: the caller's promise; the loop stops at DT_NULL.
+            let entry = unsafe { &*dynamic };
+            let (tag, value) = (entry.d_tag.get(NE) as u32, entry.d_val.get(NE));
+            match tag {
+                elf::DT_NULL => break,
+                elf::DT_JMPREL => tables.plt.0 = address(value),
+                elf::DT_PLTRELSZ => tables.plt.1 = value as usize,
+                elf::DT_PLTREL => plt_is_rela = value == u64::from(elf::DT_RELA),
+                elf::DT_RELA => tables.rela.0 = address(value),
+                elf::DT_RELASZ => tables.rela.1 = value as usize,
+                elf::DT_SYMTAB => tables.symbols = address(value),
+                elf::DT_STRTAB => tables.strings = address(value),
+                elf::DT_STRSZ => tables.strings_size = value as usize,
+                _ => {}
+            }
+            // SAFETY: not past DT_NULL.
+            dynamic = unsafe { dynamic.add(1) };
+        }
+        if !plt_is_rela {
+            tables.plt = (0, 0); // REL relocations: not used on the 64-bit targets we patch.
+        }
+        (tables.symbols != 0 && tables.strings != 0).then_some(tables)
+    }
+}
+
+/// # Safety
+/// `address` is an aligned word of a loaded object.
+unsafe fn read_slot(address: usize) -> usize {
+    // SAFETY: the caller's promise; the loader and other patchers write it whole.
+    unsafe { (*(address as *const AtomicUsize)).load(Relaxed) }
+}
+
+/// Writes each value into its slot: a slot in a read-only page (RELRO) has its page made
+/// writable for the write and read-only again; pages already writable stay as they are.
+///
+/// # Safety
+/// Each slot is an aligned word of a loaded object's GOT, and its value a function of the
+/// signature the slot's callers expect.
+unsafe fn write_slots(writes: &[(Slot, usize)]) {
+    if writes.is_empty() {
+        return;
+    }
+    let page_size = super::page_size() as usize;
+    let writable = if writes.iter().any(|(slot, _)| slot.relro) {
+        std::fs::read_to_string("/proc/self/maps")
+            .map(|maps| writable_ranges(&maps))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    for (slot, value) in writes {
+        let page = slot.address & !(page_size - 1);
+        let read_only = slot.relro && !is_writable(&writable, page);
+        if read_only {
+            // SAFETY: the page is mapped (it holds the slot); only its protection changes.
+            let made = unsafe {
+                libc::mprotect(
+                    page as *mut c_void,
+                    page_size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            if made != 0 {
+                continue; // Left as it was: that object's calls stay untraced.
+            }
+        }
+        // SAFETY: the caller's promise; the page is writable now.
+        unsafe { (*(slot.address as *const AtomicUsize)).store(*value, Relaxed) };
+        if read_only {
+            // SAFETY: as above; back to the RELRO protection.
+            unsafe { libc::mprotect(page as *mut c_void, page_size, libc::PROT_READ) };
+        }
+    }
+}
+
+/// The writable mappings in `/proc/self/maps` text, sorted, as (start, end).
+fn writable_ranges(maps: &str) -> Vec<(usize, usize)> {
+    let mut ranges: Vec<(usize, usize)> = maps
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let permissions = fields.next()?;
+            (permissions.as_bytes().get(1) == Some(&b'w')).then_some((
+                usize::from_str_radix(start, 16).ok()?,
+                usize::from_str_radix(end, 16).ok()?,
+            ))
+        })
+        .collect();
+    ranges.sort_unstable();
+    ranges
+}
+
+fn is_writable(ranges: &[(usize, usize)], page: usize) -> bool {
+    let index = ranges.partition_point(|&(start, _)| start <= page);
+    index > 0 && page < ranges[index - 1].1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writable_ranges_come_from_the_permissions_column() {
+        let maps = "\
+55d0c0000000-55d0c0001000 r--p 00000000 08:01 1234 /usr/bin/python3
+55d0c0001000-55d0c0003000 r-xp 00001000 08:01 1234 /usr/bin/python3
+55d0c0004000-55d0c0005000 rw-p 00003000 08:01 1234 /usr/bin/python3
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+garbage line
+";
+        let ranges = writable_ranges(maps);
+        assert_eq!(
+            ranges,
+            vec![
+                (0x55d0c0004000, 0x55d0c0005000),
+                (0x7ffd00000000, 0x7ffd00021000)
+            ]
+        );
+        assert!(is_writable(&ranges, 0x55d0c0004000));
+        assert!(!is_writable(&ranges, 0x55d0c0005000));
+        assert!(!is_writable(&ranges, 0x55d0c0001000));
+        assert!(is_writable(&ranges, 0x7ffd00020000));
+        assert!(!is_writable(&ranges, 0));
+    }
+
+    #[test]
+    fn the_loader_and_the_vdso_are_skipped() {
+        assert!(skipped(b"/lib64/ld-linux-x86-64.so.2"));
+        assert!(skipped(b"linux-vdso.so.1"));
+        assert!(skipped(b"/lib/ld-musl-x86_64.so.1"));
+        assert!(!skipped(b"/lib/x86_64-linux-gnu/libc.so.6"));
+        assert!(!skipped(b""));
+    }
+
+    #[test]
+    fn counters_count_loaded_objects() {
+        let (adds, subs) = loader_counters();
+        assert!(adds >= 1 && subs <= adds, "{adds} {subs}");
+    }
+}

@@ -1,0 +1,428 @@
+//! Native allocations: the malloc family as every loaded object calls it (C extensions, their
+//! libraries, ctypes), through hooks written into the objects' GOT slots ([`got`](super::got)).
+//! Linux on x86_64.
+//!
+//! The hooks go through the same gate as CPython's domains ([`traced_alloc`] and friends), so
+//! one busy flag covers every layer: a block that `PyMem_RawMalloc` or NumPy's handler asks
+//! `malloc` for is counted once, by the outer hook, and the engine's own allocations (from
+//! memgauge's library, never patched) are not seen at all. A thread without the GIL queues its
+//! events, as the raw domain's do. `errno` is kept as the real function left it.
+//!
+//! Objects loaded later: `dlopen` is interposed by a two-instruction trampoline that notes the
+//! load and jumps to the real `dlopen`, so the loader still sees the caller's return address
+//! (glibc searches the caller's RUNPATH for a bare name). The next claim on the engine patches
+//! the new objects. `dlsym` is interposed so that a lookup of `malloc` (ctypes, cffi) returns
+//! the hook; `dlsym(RTLD_NEXT, …)` jumps straight to the real one, whose answer depends on who
+//! called it.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use super::got::{Interposed, Patches};
+use super::hooks::{traced_alloc, traced_free, traced_realloc};
+use super::runtime::{HAS_PENDING_OFFSET, NATIVE_OFFSET, RUNTIME};
+
+const MALLOC: usize = 0;
+const FREE: usize = 1;
+const CALLOC: usize = 2;
+const REALLOC: usize = 3;
+const REALLOCARRAY: usize = 4;
+const POSIX_MEMALIGN: usize = 5;
+const ALIGNED_ALLOC: usize = 6;
+const MEMALIGN: usize = 7;
+const VALLOC: usize = 8;
+const PVALLOC: usize = 9;
+const FREE_SIZED: usize = 10;
+const FREE_ALIGNED_SIZED: usize = 11;
+/// The allocating functions end here; the loader's two follow.
+const ALLOCATORS: usize = 12;
+const DLOPEN: usize = 12;
+const DLSYM: usize = 13;
+const FUNCTIONS: usize = 14;
+
+const NAMES: [&CStr; FUNCTIONS] = [
+    c"malloc",
+    c"free",
+    c"calloc",
+    c"realloc",
+    c"reallocarray",
+    c"posix_memalign",
+    c"aligned_alloc",
+    c"memalign",
+    c"valloc",
+    c"pvalloc",
+    c"free_sized",
+    c"free_aligned_sized",
+    c"dlopen",
+    c"dlsym",
+];
+
+/// The native hooks' part of the runtime.
+pub(super) struct NativePatch {
+    /// The real functions, as the global scope resolves them (0: not in this libc), looked up
+    /// once and kept: a hook handed out by `dlsym` may be called after the slots are restored.
+    real: [AtomicUsize; FUNCTIONS],
+    /// Whether the slots hold the hooks.
+    installed: AtomicBool,
+    /// Set by the `dlopen` trampoline (with the runtime's `has_pending`, so that the next claim
+    /// looks): objects may have been loaded.
+    objects_changed: AtomicBool,
+    patches: Mutex<Option<Patches>>,
+}
+
+impl NativePatch {
+    #[allow(clippy::declare_interior_mutable_const)]
+    pub(super) const UNSET: NativePatch = NativePatch {
+        real: [const { AtomicUsize::new(0) }; FUNCTIONS],
+        installed: AtomicBool::new(false),
+        objects_changed: AtomicBool::new(false),
+        patches: Mutex::new(None),
+    };
+}
+
+/// Where the trampolines find their statics: offsets into the runtime.
+pub(super) const OBJECTS_CHANGED_OFFSET: usize =
+    std::mem::offset_of!(NativePatch, objects_changed);
+pub(super) const REAL_OFFSET: usize = std::mem::offset_of!(NativePatch, real);
+
+#[inline(always)]
+fn real(function: usize) -> usize {
+    RUNTIME.native.real[function].load(Relaxed)
+}
+
+/// Calls `f`, then puts `errno` back to what the real function (inside `f`) left in it: the
+/// engine's bookkeeping after the call may touch it.
+#[inline(always)]
+fn keeping_errno<R>(f: impl FnOnce(&dyn Fn()) -> R) -> R {
+    let saved = std::cell::Cell::new(0);
+    // SAFETY: errno's location is this thread's, valid for its life.
+    let location = unsafe { libc::__errno_location() };
+    // SAFETY: as above.
+    let save = || saved.set(unsafe { *location });
+    let result = f(&save);
+    // SAFETY: as above.
+    unsafe { *location = saved.get() };
+    result
+}
+
+macro_rules! real_fn {
+    ($function:expr, $type:ty) => {
+        // SAFETY: the table holds this function's address (the hook is only patched in, or
+        // handed out, once it was resolved), of the C signature `$type`.
+        unsafe { std::mem::transmute::<usize, $type>(real($function)) }
+    };
+}
+
+extern "C" fn hook_malloc(size: usize) -> *mut c_void {
+    let malloc = real_fn!(MALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
+    keeping_errno(|save| {
+        traced_alloc(size, false, || {
+            // SAFETY: the real malloc, with the caller's argument.
+            let block = unsafe { malloc(size) };
+            save();
+            block
+        })
+    })
+}
+
+extern "C" fn hook_calloc(count: usize, size: usize) -> *mut c_void {
+    let calloc = real_fn!(CALLOC, unsafe extern "C" fn(usize, usize) -> *mut c_void);
+    keeping_errno(|save| {
+        traced_alloc(count.saturating_mul(size), false, || {
+            // SAFETY: the real calloc, with the caller's arguments.
+            let block = unsafe { calloc(count, size) };
+            save();
+            block
+        })
+    })
+}
+
+extern "C" fn hook_realloc(old: *mut c_void, size: usize) -> *mut c_void {
+    let realloc = real_fn!(REALLOC, unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void);
+    keeping_errno(|save| {
+        traced_realloc(old, size, false, || {
+            // SAFETY: the real realloc, with the caller's arguments.
+            let block = unsafe { realloc(old, size) };
+            save();
+            block
+        })
+    })
+}
+
+extern "C" fn hook_reallocarray(old: *mut c_void, count: usize, size: usize) -> *mut c_void {
+    let reallocarray = real_fn!(
+        REALLOCARRAY,
+        unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void
+    );
+    keeping_errno(|save| {
+        // An overflowing size fails in the real function, and the old block stays.
+        traced_realloc(old, count.saturating_mul(size), false, || {
+            // SAFETY: the real reallocarray, with the caller's arguments.
+            let block = unsafe { reallocarray(old, count, size) };
+            save();
+            block
+        })
+    })
+}
+
+extern "C" fn hook_posix_memalign(out: *mut *mut c_void, alignment: usize, size: usize) -> c_int {
+    let posix_memalign = real_fn!(
+        POSIX_MEMALIGN,
+        unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int
+    );
+    let status = std::cell::Cell::new(0);
+    keeping_errno(|save| {
+        traced_alloc(size, false, || {
+            // SAFETY: the real posix_memalign, with the caller's arguments.
+            let result = unsafe { posix_memalign(out, alignment, size) };
+            save();
+            status.set(result);
+            // SAFETY: on success the real function wrote the block to the caller's `out`.
+            if result == 0 {
+                unsafe { *out }
+            } else {
+                std::ptr::null_mut()
+            }
+        })
+    });
+    status.get()
+}
+
+macro_rules! aligned_hook {
+    ($name:ident, $function:expr) => {
+        extern "C" fn $name(alignment: usize, size: usize) -> *mut c_void {
+            let allocate = real_fn!($function, unsafe extern "C" fn(usize, usize) -> *mut c_void);
+            keeping_errno(|save| {
+                traced_alloc(size, false, || {
+                    // SAFETY: the real function, with the caller's arguments.
+                    let block = unsafe { allocate(alignment, size) };
+                    save();
+                    block
+                })
+            })
+        }
+    };
+}
+
+aligned_hook!(hook_aligned_alloc, ALIGNED_ALLOC);
+aligned_hook!(hook_memalign, MEMALIGN);
+
+extern "C" fn hook_valloc(size: usize) -> *mut c_void {
+    let valloc = real_fn!(VALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
+    keeping_errno(|save| {
+        traced_alloc(size, false, || {
+            // SAFETY: the real valloc, with the caller's argument.
+            let block = unsafe { valloc(size) };
+            save();
+            block
+        })
+    })
+}
+
+extern "C" fn hook_pvalloc(size: usize) -> *mut c_void {
+    let pvalloc = real_fn!(PVALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
+    // pvalloc rounds the size up to whole pages, which the caller may use.
+    let page = super::page_size() as usize;
+    let rounded = size.max(1).div_ceil(page).saturating_mul(page);
+    keeping_errno(|save| {
+        traced_alloc(rounded, false, || {
+            // SAFETY: the real pvalloc, with the caller's argument.
+            let block = unsafe { pvalloc(size) };
+            save();
+            block
+        })
+    })
+}
+
+extern "C" fn hook_free(address: *mut c_void) {
+    let free = real_fn!(FREE, unsafe extern "C" fn(*mut c_void));
+    // SAFETY: the real free, with the caller's block.
+    traced_free(address, false, || unsafe { free(address) })
+}
+
+extern "C" fn hook_free_sized(address: *mut c_void, size: usize) {
+    let free_sized = real_fn!(FREE_SIZED, unsafe extern "C" fn(*mut c_void, usize));
+    // SAFETY: the real free_sized, with the caller's arguments.
+    traced_free(address, false, || unsafe { free_sized(address, size) })
+}
+
+extern "C" fn hook_free_aligned_sized(address: *mut c_void, alignment: usize, size: usize) {
+    let free_aligned_sized = real_fn!(
+        FREE_ALIGNED_SIZED,
+        unsafe extern "C" fn(*mut c_void, usize, usize)
+    );
+    // SAFETY: the real free_aligned_sized, with the caller's arguments.
+    traced_free(address, false, || unsafe {
+        free_aligned_sized(address, alignment, size)
+    })
+}
+
+/// `dlsym` for any handle but `RTLD_NEXT` (the trampoline sends that to the real one): the real
+/// lookup, with an allocating function answered by its hook while the hooks are in.
+extern "C" fn dlsym_mapped(handle: *mut c_void, name: *const c_char) -> *mut c_void {
+    let dlsym = real_fn!(
+        DLSYM,
+        unsafe extern "C" fn(*mut c_void, *const c_char) -> *mut c_void
+    );
+    // SAFETY: the real dlsym, with the caller's arguments.
+    let found = unsafe { dlsym(handle, name) };
+    if found.is_null() || !RUNTIME.native.installed.load(Relaxed) {
+        return found;
+    }
+    let hooks = hooks();
+    (0..ALLOCATORS)
+        .find(|&function| real(function) == found as usize)
+        .map_or(found, |function| hooks[function] as *mut c_void)
+}
+
+// The trampolines: `dlopen` notes that objects may have changed and jumps on; `dlsym` sends
+// RTLD_NEXT (-1) to the real one and the rest to `dlsym_mapped`. r11 is the scratch register
+// the ABI leaves to a call's glue (a PLT stub uses it too). Hidden: not exported by the module.
+#[cfg(target_arch = "x86_64")]
+std::arch::global_asm!(
+    ".pushsection .text.memgauge_native_trampolines,\"ax\",@progbits",
+    ".globl memgauge_native_dlopen",
+    ".hidden memgauge_native_dlopen",
+    ".type memgauge_native_dlopen,@function",
+    ".p2align 4",
+    "memgauge_native_dlopen:",
+    "mov r11, qword ptr [rip + {runtime}@GOTPCREL]",
+    "mov byte ptr [r11 + {changed}], 1",
+    "mov byte ptr [r11 + {pending}], 1",
+    "jmp qword ptr [r11 + {real_dlopen}]",
+    ".size memgauge_native_dlopen, .-memgauge_native_dlopen",
+    ".globl memgauge_native_dlsym",
+    ".hidden memgauge_native_dlsym",
+    ".type memgauge_native_dlsym,@function",
+    ".p2align 4",
+    "memgauge_native_dlsym:",
+    "cmp rdi, -1",
+    "je 2f",
+    "jmp {dlsym_mapped}@PLT",
+    "2:",
+    "mov r11, qword ptr [rip + {runtime}@GOTPCREL]",
+    "jmp qword ptr [r11 + {real_dlsym}]",
+    ".size memgauge_native_dlsym, .-memgauge_native_dlsym",
+    ".popsection",
+    runtime = sym RUNTIME,
+    changed = const NATIVE_OFFSET + OBJECTS_CHANGED_OFFSET,
+    pending = const HAS_PENDING_OFFSET,
+    real_dlopen = const NATIVE_OFFSET + REAL_OFFSET + DLOPEN * 8,
+    real_dlsym = const NATIVE_OFFSET + REAL_OFFSET + DLSYM * 8,
+    dlsym_mapped = sym dlsym_mapped,
+);
+
+extern "C" {
+    /// The trampolines above: only their addresses are taken, to write into slots.
+    fn memgauge_native_dlopen();
+    fn memgauge_native_dlsym();
+}
+
+/// The hooks, in the order of [`NAMES`].
+fn hooks() -> [usize; FUNCTIONS] {
+    [
+        hook_malloc as *const () as usize,
+        hook_free as *const () as usize,
+        hook_calloc as *const () as usize,
+        hook_realloc as *const () as usize,
+        hook_reallocarray as *const () as usize,
+        hook_posix_memalign as *const () as usize,
+        hook_aligned_alloc as *const () as usize,
+        hook_memalign as *const () as usize,
+        hook_valloc as *const () as usize,
+        hook_pvalloc as *const () as usize,
+        hook_free_sized as *const () as usize,
+        hook_free_aligned_sized as *const () as usize,
+        memgauge_native_dlopen as *const () as usize,
+        memgauge_native_dlsym as *const () as usize,
+    ]
+}
+
+impl NativePatch {
+    fn table(&self) -> [Interposed; FUNCTIONS] {
+        let hooks = hooks();
+        std::array::from_fn(|function| Interposed {
+            name: NAMES[function],
+            real: self.real[function].load(Relaxed),
+            hook: hooks[function],
+        })
+    }
+
+    /// Looks the real functions up, once: as the global scope resolves them, which is what an
+    /// unpatched slot resolves to.
+    fn resolve(&self) -> bool {
+        if self.real[MALLOC].load(Relaxed) == 0 {
+            for (function, name) in NAMES.iter().enumerate() {
+                // SAFETY: a lookup in the global scope, by a NUL-terminated name.
+                let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                self.real[function].store(address as usize, Relaxed);
+            }
+        }
+        // The hooks need these; the rest are patched where they exist.
+        [MALLOC, FREE, CALLOC, REALLOC, DLOPEN, DLSYM]
+            .iter()
+            .all(|&function| self.real[function].load(Relaxed) != 0)
+    }
+
+    /// Puts the hooks in every loaded object's slots (again, for objects loaded since).
+    /// Returns how many slots hold a hook, or None when the real functions cannot be found.
+    ///
+    /// Called by the GIL holder with its allocations untraced.
+    pub(super) fn install(&self) -> Option<usize> {
+        if !self.resolve() {
+            return None;
+        }
+        self.objects_changed.store(false, Relaxed);
+        let table = self.table();
+        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: each hook has its function's signature, the table is the same every time,
+        // and the lock makes one patcher at a time.
+        let patched = unsafe {
+            patches
+                .get_or_insert_with(Patches::default)
+                .patch(&table, hook_malloc as *const () as usize)
+        };
+        self.installed.store(true, Relaxed);
+        Some(patched)
+    }
+
+    /// After a `dlopen`: patches the new objects, if the hooks are in.
+    pub(super) fn refresh(&self) {
+        if self.objects_changed.load(Relaxed) && self.installed.load(Relaxed) {
+            self.install();
+        }
+    }
+
+    /// Writes every patched slot back as it was.
+    pub(super) fn uninstall(&self) {
+        if !self.installed.swap(false, Relaxed) {
+            return;
+        }
+        let table = self.table();
+        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(patches) = patches.as_mut() {
+            // SAFETY: as in `install`.
+            unsafe { patches.restore(&table, hook_malloc as *const () as usize) };
+        }
+    }
+
+    /// Whether the hooks are in.
+    pub(super) fn installed(&self) -> bool {
+        self.installed.load(Relaxed)
+    }
+
+    /// The loaded objects' slots for the interposed functions, each with whether it holds the
+    /// real function or its own lazy stub (not a hook): for the test that a restore is whole.
+    pub(super) fn slots_hold_hooks(&self) -> (usize, usize) {
+        let table = self.table();
+        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        let patches = patches.get_or_insert_with(Patches::default);
+        // SAFETY: as in `install`: a walk to find the slots, nothing written.
+        unsafe { patches.walk_only(&table, hook_malloc as *const () as usize) };
+        let hooks = hooks();
+        let values = patches.slot_values();
+        let hooked = values.iter().filter(|(_, value)| hooks.contains(value)).count();
+        (values.len(), hooked)
+    }
+}
