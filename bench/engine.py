@@ -1,9 +1,13 @@
-"""Engine overhead on an allocation-heavy workload: memgauge vs tracemalloc vs memray.
+"""Engine overhead on allocation-heavy workloads: memgauge vs tracemalloc vs memray.
 
 Run: python bench/engine.py [--seeds 5] [--rounds 5]
 
-Each round runs the workload plain, under memgauge.measure(), under tracemalloc, and under
-memray.Tracker (when installed), interleaved so machine noise hits all alike.
+Two workloads. "python": small dicts, strings and tuples; each round runs it plain, under
+memgauge.measure(), under measure(native=True), under tracemalloc, and under memray.Tracker
+(when installed), interleaved so machine noise hits all alike. "native": a C loop of small
+mallocs and frees (a helper compiled with cc, called through ctypes), plain, under
+measure(native=True), and under memray.Tracker(native_traces=True) (issue 22: memgauge's ratio
+below memray's); tracemalloc cannot see it.
 
 The rounds run in one process per hash seed (PYTHONHASHSEED 0, 1, ...): where the workload's
 small dicts put their keys depends on the seed, and between seeds the plain run's time
@@ -54,6 +58,55 @@ def with_memgauge():
 
 
 @contextlib.contextmanager
+def with_memgauge_native():
+    with memgauge.measure(native=True):
+        yield
+
+
+NATIVE_C = r"""
+#include <stdlib.h>
+long churn(long n) {
+    /* Small blocks of 16 to 256 bytes, a quarter kept for a while: what C libraries do. */
+    void *kept[64] = {0};
+    long total = 0;
+    for (long i = 0; i < n; i++) {
+        size_t size = 16 + (size_t)(i * 37 % 241);
+        char *p = malloc(size);
+        p[0] = (char)i;
+        total += p[0];
+        if (i % 4 == 0) {
+            free(kept[i % 64]);
+            kept[i % 64] = p;
+        } else {
+            free(p);
+        }
+    }
+    for (int k = 0; k < 64; k++) free(kept[k]);
+    return total;
+}
+"""
+
+
+def native_library():
+    """The native workload's helper, compiled into a temporary folder (None without cc)."""
+    import ctypes
+    import shutil
+
+    if shutil.which("cc") is None:
+        return None
+    folder = tempfile.mkdtemp(prefix="memgauge-bench-")
+    source = os.path.join(folder, "churn.c")
+    with open(source, "w") as out:
+        out.write(NATIVE_C)
+    library = os.path.join(folder, "churn.so")
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", source, "-o", library], check=True)
+    loaded = ctypes.CDLL(library)
+    loaded.churn.argtypes = [ctypes.c_long]
+    loaded.churn.restype = ctypes.c_long
+    return loaded
+
+
+@contextlib.contextmanager
 def with_tracemalloc():
     tracemalloc.start()
     try:
@@ -62,7 +115,7 @@ def with_tracemalloc():
         tracemalloc.stop()
 
 
-def memray_runner():
+def memray_runner(native_traces: bool = False):
     try:
         import memray
     except ImportError:
@@ -71,7 +124,7 @@ def memray_runner():
     @contextlib.contextmanager
     def with_memray():
         with tempfile.TemporaryDirectory() as tmp:
-            with memray.Tracker(os.path.join(tmp, "out.bin")):
+            with memray.Tracker(os.path.join(tmp, "out.bin"), native_traces=native_traces):
                 yield
 
     return with_memray
@@ -89,19 +142,37 @@ def print_ratios(title: str, times: dict[str, list[float]]) -> None:
 
 
 def run_rounds(rounds: int, n: int) -> dict[str, list[float]]:
-    """Wall times of every tool, `rounds` interleaved rounds, in this process."""
-    runners = {"plain": plain, "memgauge": with_memgauge, "tracemalloc": with_tracemalloc}
+    """Wall times of every tool on each workload, `rounds` interleaved rounds, in this process:
+    keys "tool" (the Python workload) and "native: tool"."""
+    runners = {
+        "plain": plain,
+        "memgauge": with_memgauge,
+        "memgauge native": with_memgauge_native,
+        "tracemalloc": with_tracemalloc,
+    }
     memray_cm = memray_runner()
     if memray_cm is not None:
         runners["memray"] = memray_cm
+    jobs = [(name, runner, lambda: workload(n)) for name, runner in runners.items()]
+    library = native_library()
+    if library is not None:
+        native_runners = {"plain": plain, "memgauge native": with_memgauge_native}
+        memray_native = memray_runner(native_traces=True)
+        if memray_native is not None:
+            native_runners["memray native"] = memray_native
+        calls = n * 10
+        jobs += [
+            (f"native: {name}", runner, lambda: library.churn(calls))
+            for name, runner in native_runners.items()
+        ]
 
-    times: dict[str, list[float]] = {name: [] for name in runners}
+    times: dict[str, list[float]] = {name: [] for name, _, _ in jobs}
     workload(n // 10)  # warm up
     for _ in range(rounds):
-        for name, runner in runners.items():
+        for name, runner, run in jobs:
             start = time.perf_counter()
             with runner():
-                workload(n)
+                run()
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -127,9 +198,9 @@ def main() -> None:
             [*child, "--n", str(args.n)], env=env, capture_output=True, text=True, check=True
         )
         times = json.loads(done.stdout)
-        base = statistics.median(times["plain"])
         cells = []
         for name, samples in times.items():
+            base = statistics.median(times["native: plain" if ":" in name else "plain"])
             median = statistics.median(samples)
             ratios.setdefault(name, []).append(median / base)
             cells.append(f"{name} {median:.3f} s {median / base:.2f}x")
@@ -137,7 +208,7 @@ def main() -> None:
     print(f"median of the {args.seeds} seeds' ratios")
     for name, values in ratios.items():
         spread = f"{min(values):.2f}-{max(values):.2f}"
-        print(f"{name:<13} {statistics.median(values):>6.2f}x  ({spread})")
+        print(f"{name:<22} {statistics.median(values):>6.2f}x  ({spread})")
 
 
 if __name__ == "__main__":
