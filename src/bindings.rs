@@ -323,6 +323,14 @@ pub fn native_supported() -> bool {
     crate::engine::ffi::native_supported()
 }
 
+/// `hold=True`: the native hooks stay in while no scope is open, until as many
+/// `hold_native(False)` (the pytest plugin holds them for its session). Returns whether they
+/// are in.
+#[pyfunction]
+pub fn hold_native(py: Python<'_>, hold: bool) -> bool {
+    crate::engine::ffi::hold_native(py, hold)
+}
+
 /// The loaded objects' GOT slots of the malloc family, walked now: (how many, how many hold
 /// memgauge's hooks). For tests: none does once the last native scope has closed.
 #[pyfunction]

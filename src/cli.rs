@@ -13,7 +13,7 @@ use crate::gate::compare::{self, Figure, Policy};
 use crate::gate::render::{self, Format};
 use crate::model::baseline::{self, Baseline};
 use crate::model::error::{read_text, write_atomically, write_atomically_with, Error, Result};
-use crate::model::results::{GateRecord, Head, Record, Results};
+use crate::model::results::{other_tracing, GateRecord, Head, Record, Results, NATIVE_SUFFIX};
 use crate::model::size;
 use crate::timeline;
 
@@ -523,11 +523,17 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
         .map(|path| Results::<GateRecord>::read(path))
         .collect::<Result<Vec<_>>>()?;
     let heads: Vec<Head> = texts.iter().map(|text| Head::read(text)).collect();
-    let wanted = paths
+    let measured = paths
         .iter()
         .zip(&heads)
-        .map(|(path, head)| head.environment_key(path))
+        .map(|(path, head)| head.environment_key(path).map(str::to_owned))
         .collect::<Result<BTreeSet<_>>>()?;
+    // Each environment's other tracing too, to say so when only that one has figures.
+    let wanted: BTreeSet<String> = measured
+        .iter()
+        .flat_map(|key| [key.clone(), other_tracing(key)])
+        .collect();
+    let wanted: BTreeSet<&str> = wanted.iter().map(String::as_str).collect();
     let (groups, baseline) = std::thread::scope(|scope| {
         let results = scope.spawn(|| {
             let runs = paths
@@ -546,6 +552,9 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
         Ok::<_, Error>((results?, baseline?))
     })?;
     drop(texts);
+    for environment in &measured {
+        refuse_other_tracing(&baseline_path, &baseline, environment)?;
+    }
     let policy = policy(&args.gating, settings, &baseline)?;
 
     let mut environments = Vec::with_capacity(groups.len());
@@ -643,6 +652,33 @@ fn run_compare(args: CompareArgs, settings: &Settings) -> Result<ExitStatus> {
     } else {
         ExitStatus::Success
     })
+}
+
+/// Results traced one way (with or without native allocations) and a baseline that has figures
+/// only for the other: an error, since either every test would look changed or none would be
+/// gated.
+fn refuse_other_tracing(path: &Path, baseline: &Baseline, environment: &str) -> Result<()> {
+    if baseline.one_environment || baseline.figures_for(environment).is_some() {
+        return Ok(());
+    }
+    let other = other_tracing(environment);
+    if baseline.figures_for(&other).is_none() {
+        return Ok(());
+    }
+    let (results_traced, baseline_traced, fix) = if environment.ends_with(NATIVE_SUFFIX) {
+        ("with", "without", "run pytest without --memprof-native")
+    } else {
+        ("without", "with", "run pytest with --memprof-native")
+    };
+    Err(Error::invalid(
+        path,
+        format!(
+            "the results of environment {environment} were traced {results_traced} native \
+             allocations, and the baseline has figures for {other} only, traced \
+             {baseline_traced}: one cannot gate the other. Either {fix}, or record figures for \
+             {environment} with `memgauge baseline update` and commit them"
+        ),
+    ))
 }
 
 /// The results of one environment, joined from its files.

@@ -21,7 +21,7 @@ mod bindings;
 mod _native {
     #[pymodule_export]
     use crate::bindings::{
-        cli_main, format_size, native_slots, native_supported, parse_size, rss_bytes,
+        cli_main, format_size, hold_native, native_slots, native_supported, parse_size, rss_bytes,
         site_lookup, PyResultsWriter, PyScope,
     };
     #[pymodule_export]

@@ -788,3 +788,61 @@ fn merge_keeps_the_keys_a_newer_writer_added() {
     assert_eq!(merged["tests"]["t.py::b"]["new_figure"], 7);
     assert_eq!(merged["determinism"]["seed"], 0);
 }
+
+#[test]
+fn figures_traced_with_native_allocations_are_not_gated_against_figures_without() {
+    let dir = tempfile_dir::Dir::new();
+    let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+    write(
+        "plain.json",
+        &of_environment("cp311-linux-x86_64", 10_000_000, None),
+    );
+    write(
+        "native.json",
+        &of_environment("cp311-linux-x86_64+native", 30_000_000, None),
+    );
+    let update = |results: &str| {
+        memgauge(
+            dir.path(),
+            &["baseline", "update", results, "--baseline", "b.toml"],
+            &[],
+        )
+    };
+    assert_eq!(update("plain.json").status.code(), Some(0));
+    let gate = |results: &str| {
+        memgauge(
+            dir.path(),
+            &["compare", results, "--baseline", "b.toml"],
+            &[],
+        )
+    };
+    let out = gate("native.json");
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let message = stderr(&out);
+    assert!(message.contains("b.toml"), "{message}");
+    assert!(
+        message.contains(
+            "the results of environment cp311-linux-x86_64+native were traced with native \
+             allocations, and the baseline has figures for cp311-linux-x86_64 only"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("run pytest without --memprof-native"),
+        "{message}"
+    );
+    // Once the baseline has figures of both, each gates against its own.
+    assert_eq!(update("native.json").status.code(), Some(0));
+    assert_eq!(gate("native.json").status.code(), Some(0));
+    assert_eq!(gate("plain.json").status.code(), Some(0));
+    // And the other way round: a baseline of native figures only.
+    std::fs::remove_file(dir.path().join("b.toml")).unwrap();
+    assert_eq!(update("native.json").status.code(), Some(0));
+    let out = gate("plain.json");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("run pytest with --memprof-native"),
+        "{}",
+        stderr(&out)
+    );
+}

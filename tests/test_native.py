@@ -15,9 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import memgauge
+import pytest
 from memgauge import _native
 
 MiB = 1024 * 1024
@@ -32,6 +31,7 @@ LIBRARY_C = r"""
 #include <errno.h>
 #include <malloc.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -82,10 +82,12 @@ static volatile int stop_threads;
 static pthread_t threads[64];
 static int thread_count;
 static size_t hold_bytes;
+static int ready;
 static void *churn(void *arg) {
     (void)arg;
     char *held = malloc(hold_bytes);
     if (held) memset(held, 1, hold_bytes);
+    __atomic_add_fetch(&ready, 1, __ATOMIC_SEQ_CST);
     while (!stop_threads) {
         void *p = malloc(64);
         free(p);
@@ -94,9 +96,11 @@ static void *churn(void *arg) {
     return NULL;
 }
 int start_threads(int n, size_t hold) {
-    stop_threads = 0; hold_bytes = hold; thread_count = 0;
+    /* Returns once every thread holds its block. */
+    stop_threads = 0; hold_bytes = hold; thread_count = 0; ready = 0;
     for (int i = 0; i < n && i < 64; i++)
         if (pthread_create(&threads[thread_count], NULL, churn, NULL) == 0) thread_count++;
+    while (__atomic_load_n(&ready, __ATOMIC_SEQ_CST) < thread_count) sched_yield();
     return thread_count;
 }
 void stop_and_join(void) {
@@ -311,7 +315,14 @@ print(os.waitstatus_to_exitcode(status), scope.peak_bytes)
 
 def test_a_fork_inside_a_scope(libraries):
     result = subprocess.run(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORK_INSIDE, str(libraries["lazy"])],
+        [
+            sys.executable,
+            "-W",
+            "ignore::DeprecationWarning",
+            "-c",
+            FORK_INSIDE,
+            str(libraries["lazy"]),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -353,6 +364,57 @@ def test_dlsym_with_rtld_next_still_answers():
         print(bool(found))
         """
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+NATIVE_SUITE = """
+import ctypes
+import pytest
+
+MiB = 1 << 20
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+
+def test_twenty_mib_from_c():
+    block = libc.malloc(20 * MiB)
+    ctypes.memset(block, 1, 20 * MiB)
+    libc.free(block)
+
+
+@pytest.mark.memlimit("10 MiB")
+def test_over_a_limit_in_c():
+    block = libc.malloc(20 * MiB)
+    ctypes.memset(block, 1, 20 * MiB)
+    libc.free(block)
+"""
+
+
+def test_memprof_native_counts_c_allocations_and_says_so(pytester: pytest.Pytester):
+    import json
+
+    pytester.makepyfile(test_c=NATIVE_SUITE)
+    # The module looks malloc up at import, before any test's scope: ctypes gets the hook
+    # because the plugin keeps the native hooks in for the whole session.
+    result = pytester.runpytest("--memprof", "--memprof-native")
+    result.assert_outcomes(passed=1, failed=1)
+    data = json.loads((pytester.path / ".memgauge/results.json").read_text())
+    assert data["environment"]["key"].endswith("+native")
+    assert data["environment"]["traced"] == ["python", "numpy", "native"]
+    twenty = data["tests"]["test_c.py::test_twenty_mib_from_c"]
+    assert within(twenty["peak_bytes"], 20 * MiB), twenty["peak_bytes"]
+    result.stdout.fnmatch_lines(["*traced (exact: what Python, NumPy and native code (malloc)*"])
+
+    # Off (the default, or --no-memprof-native): C's blocks are not in the traced figures.
+    result = pytester.runpytest("--memprof", "--memprof-native", "--no-memprof-native")
+    result.assert_outcomes(passed=2)
+    data = json.loads((pytester.path / ".memgauge/results.json").read_text())
+    assert not data["environment"]["key"].endswith("+native")
+    assert data["environment"]["traced"] == ["python", "numpy"]
+    assert data["tests"]["test_c.py::test_twenty_mib_from_c"]["peak_bytes"] < MiB

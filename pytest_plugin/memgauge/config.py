@@ -28,6 +28,7 @@ class Option:
     default: Any
     kind: str = "string"  # "string", "bool" or "int"
     choices: tuple[str, ...] | None = None
+    negatable: bool = False  # a bool with a --no-... flag too
 
     @property
     def dest(self) -> str:
@@ -53,6 +54,7 @@ OPTIONS = tuple(
         spec.get("default"),
         kind=spec.get("kind", "string"),
         choices=tuple(spec["choices"]) if "choices" in spec else None,
+        negatable=spec.get("negatable", False),
     )
     for name, spec in DEFINITIONS.items()
     if "pytest" in spec["read_by"]

@@ -62,6 +62,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         if option.choices:
             kwargs["choices"] = option.choices
         group.addoption(option.flag, **kwargs)
+        if option.negatable:
+            negation = "--no-" + option.flag[2:]
+            group.addoption(
+                negation, dest=option.dest, action="store_false", help=f"not {option.flag}"
+            )
         parser.addini(option.ini_name, f"memgauge: {option.help}", default=None)
 
 
@@ -100,6 +105,7 @@ class Settings:
     seed: int | None
     environment: str
     shard: tuple[int, int] | None
+    native: bool
 
     @classmethod
     def load(cls, config: pytest.Config) -> Settings:
@@ -137,6 +143,20 @@ class Settings:
         else:
             raise ValueError(f"seed must be a whole number ≥ 0 or 'off', not {seed!r}")
         environment = cfg.environment_key(str(values["environment"]))
+        native = bool(values["native"])
+        if native and not _native.native_supported():
+            config.issue_config_time_warning(
+                pytest.PytestConfigWarning(
+                    "memgauge: --memprof-native traces native allocations on Linux x86_64 only; "
+                    "here the traced figures are Python's and NumPy's allocations"
+                ),
+                stacklevel=2,
+            )
+            native = False
+        if native:
+            # Figures that include native allocations are other figures: a baseline keeps
+            # them apart, and `memgauge compare` will not gate one kind against the other.
+            environment += "+native"
         shard = cfg.parse_shard(values["shard"]) if values["shard"] else None
         output = Path(values["output"])
         if not output.is_absolute():
@@ -150,6 +170,7 @@ class Settings:
             seed=seed_value,
             environment=environment,
             shard=shard,
+            native=native,
         )
 
 
@@ -272,6 +293,9 @@ class MemgaugePlugin:
         self.config = config
         self.settings = settings
         self.is_worker = hasattr(config, "workerinput")
+        # Native tracing keeps its hooks in for the session: each test's scope finds them in
+        # (no patching per test), and ctypes functions looked up at import are the hooks.
+        self.native_held = settings.native and _native.hold_native(True)
         self.results: dict[str, dict[str, Any]] = {}
         self.benchmarks: dict[str, dict[str, Any]] = {}
         self.limits: dict[str, dict[str, int]] = {}
@@ -350,7 +374,7 @@ class MemgaugePlugin:
         if not self.wants(item) or SCOPE_KEY in item.stash:
             return
         self.determinism.before()
-        scope = memgauge.measure(top_sites=5)
+        scope = memgauge.measure(top_sites=5, native=self.settings.native)
         try:
             scope.start()
         except RuntimeError as error:
@@ -467,7 +491,9 @@ class MemgaugePlugin:
         # them; the writer (memgauge's one writer of the results schema) checks each record.
         shard = "{}/{}".format(*self.settings.shard) if self.settings.shard else None
         self.writer = _native.ResultsWriter(
-            str(self.settings.output), json.dumps(environment(self.settings.environment)), shard
+            str(self.settings.output),
+            json.dumps(environment(self.settings.environment, self.settings.native)),
+            shard,
         )
 
     def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int, str]) -> None:
@@ -521,6 +547,11 @@ class MemgaugePlugin:
             write = self.writer.test if kind == "test" else self.writer.benchmark
             write(key, json.dumps(entry))
 
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self.native_held:
+            _native.hold_native(False)
+            self.native_held = False
+
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.determinism.close()
         if self.is_worker or not self.settings.memprof:
@@ -546,16 +577,22 @@ class MemgaugePlugin:
                 f"{memgauge.format_size(record['peak_bytes']):>12} "
                 f"{memgauge.format_size(record['leaked_bytes']):>12} {rss_text:>12}  {key}"
             )
+        traced = (
+            "Python, NumPy and native code (malloc)" if self.settings.native else "Python and NumPy"
+        )
         write(
-            "peak and leaked are traced (exact: what Python and NumPy allocated); RSS peak is "
+            f"peak and leaked are traced (exact: what {traced} allocated); RSS peak is "
             "the process's resident memory (includes native libraries)."
         )
         write(f"results: {self.settings.output}")
 
 
-def environment(key: str) -> dict[str, Any]:
+def environment(key: str, native: bool) -> dict[str, Any]:
     env: dict[str, Any] = {
         "key": key,
+        # What the traced figures include: Python's allocators and NumPy's data buffers always,
+        # the malloc family with --memprof-native.
+        "traced": ["python", "numpy", *(["native"] if native else [])],
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": sys.platform,

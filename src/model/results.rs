@@ -321,6 +321,19 @@ fn environment_key<'m>(path: &Path, environment: &'m Map<String, Value>) -> Resu
     }
 }
 
+/// What `--memprof-native` appends to a run's environment key: figures that include native
+/// allocations are kept apart from those that do not.
+pub const NATIVE_SUFFIX: &str = "+native";
+
+/// The same environment traced the other way: with native allocations if `key` is without,
+/// and without if it is with.
+pub fn other_tracing(key: &str) -> String {
+    match key.strip_suffix(NATIVE_SUFFIX) {
+        Some(without) => without.to_owned(),
+        None => format!("{key}{NATIVE_SUFFIX}"),
+    }
+}
+
 /// An environment key names a table in the baseline and a section of a pull request comment
 /// (from a fork's artifact, too): letters, digits and `._+-` only, so it needs no escaping.
 fn is_environment_key(key: &str) -> bool {

@@ -36,8 +36,9 @@ struct Slot {
     function: usize,
     /// The bounds of its object's mapped segments, which a lazily bound slot points into.
     object: (usize, usize),
-    /// Whether it lies in the object's RELRO range, made read-only after relocation.
-    relro: bool,
+    /// Whether its page was read-only when walked (in the object's RELRO range, made
+    /// read-only after relocation): made writable for a write, and read-only again.
+    read_only: bool,
 }
 
 /// The slots patched now, and what the last walk found.
@@ -67,7 +68,8 @@ impl Patches {
             // Objects unloaded since: their slots are gone with them.
             let current: std::collections::HashSet<usize> =
                 self.slots.iter().map(|slot| slot.address).collect();
-            self.originals.retain(|address, _| current.contains(address));
+            self.originals
+                .retain(|address, _| current.contains(address));
         }
         let mut writes = Vec::new();
         for slot in &self.slots {
@@ -188,6 +190,16 @@ unsafe fn walk(functions: &[Interposed], own: usize) -> Vec<Slot> {
     unsafe { libc::dl_iterate_phdr(Some(visit), (&mut walk as *mut Walk).cast()) };
     walk.slots.sort_by_key(|slot| slot.address);
     walk.slots.dedup_by_key(|slot| slot.address);
+    // Which RELRO slots' pages are read-only now: read once per walk, from the kernel's map.
+    if walk.slots.iter().any(|slot| slot.read_only) {
+        let writable = std::fs::read_to_string("/proc/self/maps")
+            .map(|maps| writable_ranges(&maps))
+            .unwrap_or_default();
+        let page_size = super::page_size() as usize;
+        for slot in walk.slots.iter_mut().filter(|slot| slot.read_only) {
+            slot.read_only = !is_writable(&writable, slot.address & !(page_size - 1));
+        }
+    }
     walk.slots
 }
 
@@ -195,9 +207,16 @@ unsafe fn walk(functions: &[Interposed], own: usize) -> Vec<Slot> {
 /// and while it loads objects) and the kernel's vdso.
 fn skipped(name: &[u8]) -> bool {
     let file = name.rsplit(|&b| b == b'/').next().unwrap_or(name);
-    ["ld-linux", "ld-musl", "ld64.so", "ld.so", "linux-vdso", "linux-gate"]
-        .iter()
-        .any(|prefix| file.starts_with(prefix.as_bytes()))
+    [
+        "ld-linux",
+        "ld-musl",
+        "ld64.so",
+        "ld.so",
+        "linux-vdso",
+        "linux-gate",
+    ]
+    .iter()
+    .any(|prefix| file.starts_with(prefix.as_bytes()))
 }
 
 /// # Safety
@@ -273,7 +292,7 @@ unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
                 address,
                 function,
                 object: (start, end),
-                relro: (relro.0..relro.1).contains(&address),
+                read_only: (relro.0..relro.1).contains(&address),
             });
         }
     }
@@ -358,45 +377,33 @@ unsafe fn read_slot(address: usize) -> usize {
     unsafe { (*(address as *const AtomicUsize)).load(Relaxed) }
 }
 
-/// Writes each value into its slot: a slot in a read-only page (RELRO) has its page made
-/// writable for the write and read-only again; pages already writable stay as they are.
+/// Writes each value into its slot (`writes` sorted by slot): a read-only page (RELRO) is made
+/// writable for its slots' writes and read-only again; pages already writable stay as they are.
 ///
 /// # Safety
 /// Each slot is an aligned word of a loaded object's GOT, and its value a function of the
 /// signature the slot's callers expect.
 unsafe fn write_slots(writes: &[(Slot, usize)]) {
-    if writes.is_empty() {
-        return;
-    }
     let page_size = super::page_size() as usize;
-    let writable = if writes.iter().any(|(slot, _)| slot.relro) {
-        std::fs::read_to_string("/proc/self/maps")
-            .map(|maps| writable_ranges(&maps))
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    for (slot, value) in writes {
-        let page = slot.address & !(page_size - 1);
-        let read_only = slot.relro && !is_writable(&writable, page);
+    let page_of = |slot: &Slot| slot.address & !(page_size - 1);
+    for same_page in writes.chunk_by(|(a, _), (b, _)| page_of(a) == page_of(b)) {
+        let page = page_of(&same_page[0].0) as *mut c_void;
+        let read_only = same_page[0].0.read_only;
         if read_only {
-            // SAFETY: the page is mapped (it holds the slot); only its protection changes.
-            let made = unsafe {
-                libc::mprotect(
-                    page as *mut c_void,
-                    page_size,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                )
-            };
+            // SAFETY: the page is mapped (it holds the slots); only its protection changes.
+            let made =
+                unsafe { libc::mprotect(page, page_size, libc::PROT_READ | libc::PROT_WRITE) };
             if made != 0 {
-                continue; // Left as it was: that object's calls stay untraced.
+                continue; // Left as they were: that object's calls stay untraced.
             }
         }
-        // SAFETY: the caller's promise; the page is writable now.
-        unsafe { (*(slot.address as *const AtomicUsize)).store(*value, Relaxed) };
+        for (slot, value) in same_page {
+            // SAFETY: the caller's promise; the page is writable now.
+            unsafe { (*(slot.address as *const AtomicUsize)).store(*value, Relaxed) };
+        }
         if read_only {
             // SAFETY: as above; back to the RELRO protection.
-            unsafe { libc::mprotect(page as *mut c_void, page_size, libc::PROT_READ) };
+            unsafe { libc::mprotect(page, page_size, libc::PROT_READ) };
         }
     }
 }

@@ -54,7 +54,7 @@ pub(crate) use gil_cell::GilRefCell;
 #[cfg(feature = "python")]
 pub use numpy::numpy_traced;
 #[cfg(feature = "python")]
-pub use runtime::{native_slots, native_supported, native_traced};
+pub use runtime::{hold_native, native_slots, native_supported, native_traced};
 #[cfg(feature = "python")]
 pub use runtime::{site_lookup, untraced};
 #[cfg(feature = "python")]

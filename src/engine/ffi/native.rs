@@ -68,6 +68,10 @@ pub(super) struct NativePatch {
     /// Set by the `dlopen` trampoline (with the runtime's `has_pending`, so that the next claim
     /// looks): objects may have been loaded.
     objects_changed: AtomicBool,
+    /// Holds that keep the hooks in while no scope is open (the pytest plugin's, for its
+    /// session: each test's scope then finds them in, and ctypes' lookups made at import get
+    /// the hooks).
+    holds: AtomicUsize,
     patches: Mutex<Option<Patches>>,
 }
 
@@ -77,13 +81,13 @@ impl NativePatch {
         real: [const { AtomicUsize::new(0) }; FUNCTIONS],
         installed: AtomicBool::new(false),
         objects_changed: AtomicBool::new(false),
+        holds: AtomicUsize::new(0),
         patches: Mutex::new(None),
     };
 }
 
 /// Where the trampolines find their statics: offsets into the runtime.
-pub(super) const OBJECTS_CHANGED_OFFSET: usize =
-    std::mem::offset_of!(NativePatch, objects_changed);
+pub(super) const OBJECTS_CHANGED_OFFSET: usize = std::mem::offset_of!(NativePatch, objects_changed);
 pub(super) const REAL_OFFSET: usize = std::mem::offset_of!(NativePatch, real);
 
 #[inline(always)]
@@ -139,7 +143,10 @@ extern "C" fn hook_calloc(count: usize, size: usize) -> *mut c_void {
 }
 
 extern "C" fn hook_realloc(old: *mut c_void, size: usize) -> *mut c_void {
-    let realloc = real_fn!(REALLOC, unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void);
+    let realloc = real_fn!(
+        REALLOC,
+        unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void
+    );
     keeping_errno(|save| {
         traced_realloc(old, size, false, || {
             // SAFETY: the real realloc, with the caller's arguments.
@@ -178,8 +185,8 @@ extern "C" fn hook_posix_memalign(out: *mut *mut c_void, alignment: usize, size:
             let result = unsafe { posix_memalign(out, alignment, size) };
             save();
             status.set(result);
-            // SAFETY: on success the real function wrote the block to the caller's `out`.
             if result == 0 {
+                // SAFETY: on success the real function wrote the block to the caller's `out`.
                 unsafe { *out }
             } else {
                 std::ptr::null_mut()
@@ -407,6 +414,26 @@ impl NativePatch {
         }
     }
 
+    /// Takes (`true`) or gives back a hold; returns whether one is left. Taking one installs
+    /// the hooks; the runtime takes them out when the last hold goes and no scope needs them.
+    pub(super) fn hold(&self, take: bool) -> bool {
+        if take {
+            self.holds.fetch_add(1, Relaxed);
+            self.install();
+            return true;
+        }
+        let before = self
+            .holds
+            .fetch_update(Relaxed, Relaxed, |holds| holds.checked_sub(1))
+            .unwrap_or(0);
+        before > 1
+    }
+
+    /// Whether a hold keeps the hooks in.
+    pub(super) fn held(&self) -> bool {
+        self.holds.load(Relaxed) > 0
+    }
+
     /// Whether the hooks are in.
     pub(super) fn installed(&self) -> bool {
         self.installed.load(Relaxed)
@@ -422,7 +449,10 @@ impl NativePatch {
         unsafe { patches.walk_only(&table, hook_malloc as *const () as usize) };
         let hooks = hooks();
         let values = patches.slot_values();
-        let hooked = values.iter().filter(|(_, value)| hooks.contains(value)).count();
+        let hooked = values
+            .iter()
+            .filter(|(_, value)| hooks.contains(value))
+            .count();
         (values.len(), hooked)
     }
 }

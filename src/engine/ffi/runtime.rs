@@ -461,7 +461,7 @@ impl Runtime {
     /// [`thread_state_checked`] said yes.
     fn install_or_uninstall(&'static self, py: Python<'_>, idle: bool, native: bool) {
         #[cfg(native_hooks)]
-        if idle || !native {
+        if (idle || !native) && !self.native.held() {
             self.native.uninstall();
         }
         #[cfg(not(native_hooks))]
@@ -735,6 +735,26 @@ pub fn native_traced() -> bool {
     return RUNTIME.native.installed();
     #[cfg(not(native_hooks))]
     return false;
+}
+
+/// Keeps the native hooks in while no scope is open (`hold`), or gives that back: for a
+/// session of many native scopes, which then neither patch nor restore the slots each time.
+/// Returns whether the hooks are in now.
+pub fn hold_native(py: Python<'_>, hold: bool) -> bool {
+    #[cfg(native_hooks)]
+    {
+        let held = RUNTIME.untraced(|| RUNTIME.native.hold(hold));
+        if !held {
+            // The runtime decides, as a scope closing does: out unless a native scope is open.
+            with_engine(py, |_| ());
+        }
+        RUNTIME.native.installed()
+    }
+    #[cfg(not(native_hooks))]
+    {
+        let _ = (py, hold);
+        false
+    }
 }
 
 /// The loaded objects' slots for the interposed functions, walked now: how many there are and
