@@ -55,7 +55,8 @@ test-debug: install
 	  $(DEBUG_PACKAGE)/memgauge/_native$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 	PYTHONPATH=$(DEBUG_PACKAGE) $(PYTHON) -c 'import memgauge, sys; assert "$(DEBUG_PACKAGE)" in memgauge.__file__, memgauge.__file__'
 	PYTHONPATH=$(DEBUG_PACKAGE) $(PYTHON) -m pytest -q -p no:cacheprovider \
-	  tests/test_engine.py tests/test_profile.py tests/test_determinism.py tests/test_plugin.py
+	  tests/test_engine.py tests/test_profile.py tests/test_determinism.py tests/test_plugin.py \
+	  tests/test_native.py
 
 lint:
 	cargo fmt --all -- --check

@@ -1,6 +1,6 @@
 """Does a rerun of an unchanged suite move its gated figures? Real third-party suites, five ways.
 
-Run: python bench/determinism.py [--suites networkx attrs more-itertools]
+Run: python bench/determinism.py [--suites networkx attrs more-itertools] [--native]
 
 For each suite, as a user would: `pytest --memprof` once and `memgauge baseline update` from
 it; then, changing nothing, four more runs, each gated against that baseline with the defaults
@@ -105,13 +105,15 @@ def gate(results: Path, baseline: Path) -> dict[str, object]:
     }
 
 
-def measure(name: str, suite: Suite, out: Path) -> dict[str, object]:
+def measure(name: str, suite: Suite, out: Path, native: bool) -> dict[str, object]:
     files, cwd, env = suite
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
 
     def memprof(label: str, extra: list[str], targets: list[str]) -> tuple[Path, float]:
         results = out / f"{name}-{label}.json"
         command = [*pytest, "--memprof", f"--memprof-output={results}", *extra, *targets]
+        if native:
+            command.insert(len(pytest) + 1, "--memprof-native")
         return results, run(command, cwd, env)
 
     plain = [run([*pytest, *files], cwd, env)]
@@ -161,6 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES))
     parser.add_argument("--keep", type=Path, help="keep the results and baselines here")
+    parser.add_argument(
+        "--native", action="store_true", help="every --memprof run with --memprof-native too"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="memgauge-determinism-") as temporary:
         work = Path(temporary)
@@ -169,9 +174,13 @@ def main() -> None:
         rows = {}
         for name in args.suites:
             print(f"{name}: preparing and running 8 times...", file=sys.stderr, flush=True)
-            rows[name] = measure(name, SUITES[name](work), out)
+            rows[name] = measure(name, SUITES[name](work), out, args.native)
     modes = list(next(iter(rows.values()))["moved"])
-    print("\nTests whose gated figures moved (regressed / improved) against a baseline of one run")
+    traced = " (--memprof-native)" if args.native else ""
+    print(
+        f"\nTests whose gated figures moved{traced} (regressed / improved) against a baseline"
+        " of one run"
+    )
     print("| suite (tests) | " + " | ".join(modes) + " | --memprof / plain |")
     print("|---|" + "---|" * (len(modes) + 1))
     for name, row in rows.items():

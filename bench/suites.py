@@ -1,6 +1,6 @@
 """pytest --memprof on real third-party suites, against plain pytest and pytest --memray.
 
-Run: python bench/suites.py [--rounds 5] [--shard-seconds 5]
+Run: python bench/suites.py [--rounds 5] [--shard-seconds 5] [--modes plain,memgauge,...]
      python bench/suites.py --instructions   (once per suite and mode, under cachegrind)
 
 Suites: more-itertools from its sdist (pure Python, unittest classes; downloaded from PyPI) and
@@ -8,6 +8,8 @@ NumPy's own installed tests (numpy.linalg and numpy.fft; NumPy's conftest needs 
 `--suites`, also networkx's installed tests (pure Python, pytest functions) and attrs' tests
 from its sdist (hypothesis-heavy). Target (issue 3):
 --memprof at most 1.15x plain on each suite, and below pytest-memray.
+"memgauge native" (--memprof-native) traces the malloc family too (issue 22: at most 1.10x plain
+to be on by default), beside pytest-memray's --native.
 
 This VM's speed drifts: plain runs of the same suite took 40 to 64 s in consecutive rounds,
 in spells that last from seconds to minutes. A whole-suite run of one mode and the next mode's
@@ -96,7 +98,13 @@ SUITES = {
 }
 
 
-MODES = {"plain": [], "memgauge": ["--memprof"], "memray": ["--memray"]}
+MODES = {
+    "plain": [],
+    "memgauge": ["--memprof"],
+    "memgauge native": ["--memprof", "--memprof-native"],
+    "memray": ["--memray"],
+    "memray native": ["--memray", "--native"],
+}
 
 
 def children_cpu() -> float:
@@ -196,7 +204,7 @@ def run_pytest(
         "MEMGAUGE_BENCH_RANGE": "" if tests is None else f"{tests[0]}:{tests[1]}",
     }
     command = [*pytest_command(mode, targets), "-p", "shard_plugin"]
-    if mode == "memgauge":
+    if mode.startswith("memgauge"):
         command += ["--memprof-output", str(work / "results.json")]
     cpu_before = children_cpu()
     start = time.perf_counter()
@@ -259,7 +267,7 @@ def time_suites(suites: dict[str, Suite], rounds: int, shard_seconds: float, wor
 
     print(f"\nmedians of {rounds} rounds, shards of about {shard_seconds:g}s plain")
     print(
-        f"{'suite':<18} {'mode':<9} {'session s':>9} {'ratio':>6} {'paired':>6} {'best':>6}"
+        f"{'suite':<18} {'mode':<15} {'session s':>9} {'ratio':>6} {'paired':>6} {'best':>6}"
         f" {'process s':>9} {'ratio':>6} {'cpu s':>7} {'ratio':>6}"
     )
     for name in suites:
@@ -274,7 +282,7 @@ def time_suites(suites: dict[str, Suite], rounds: int, shard_seconds: float, wor
             )
             best = min(mine["session"]) / min(plain["session"])
             print(
-                f"{name:<18} {mode:<9} {median['session']:>9.2f}"
+                f"{name:<18} {mode:<15} {median['session']:>9.2f}"
                 f" {ratio['session']:>5.2f}x {paired:>5.2f}x {best:>5.2f}x"
                 f" {median['process']:>9.2f} {ratio['process']:>5.2f}x"
                 f" {median['cpu']:>7.2f} {ratio['cpu']:>5.2f}x"
@@ -300,14 +308,25 @@ def main() -> None:
         default="more-itertools,numpy",
         help=f"comma-separated, of {', '.join(SUITES)}",
     )
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated, of {', '.join(MODES)} (plain is always run)",
+    )
     args = parser.parse_args()
+    modes = set(args.modes.split(",")) | {"plain"}
+    if modes - set(MODES):
+        parser.error(f"unknown modes {sorted(modes - set(MODES))}: choose from {', '.join(MODES)}")
+    for mode in set(MODES) - modes:
+        del MODES[mode]
     unknown = set(args.suites.split(",")) - set(SUITES)
     if unknown:
         parser.error(f"unknown suites {sorted(unknown)}: choose from {', '.join(SUITES)}")
     try:
         import pytest_memray  # noqa: F401
     except ImportError:
-        del MODES["memray"]
+        for mode in ("memray", "memray native"):
+            MODES.pop(mode, None)
         print("pytest-memray not installed: pip install -e '.[bench]'")
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -296,6 +296,7 @@ class MemgaugePlugin:
         # Native tracing keeps its hooks in for the session: each test's scope finds them in
         # (no patching per test), and ctypes functions looked up at import are the hooks.
         self.native_held = settings.native and _native.hold_native(True)
+        self.arrow_pool = use_arrow_system_pool() if settings.native else None
         self.results: dict[str, dict[str, Any]] = {}
         self.benchmarks: dict[str, dict[str, Any]] = {}
         self.limits: dict[str, dict[str, int]] = {}
@@ -492,7 +493,9 @@ class MemgaugePlugin:
         shard = "{}/{}".format(*self.settings.shard) if self.settings.shard else None
         self.writer = _native.ResultsWriter(
             str(self.settings.output),
-            json.dumps(environment(self.settings.environment, self.settings.native)),
+            json.dumps(
+                environment(self.settings.environment, self.settings.native, self.arrow_pool)
+            ),
             shard,
         )
 
@@ -551,6 +554,8 @@ class MemgaugePlugin:
         if self.native_held:
             _native.hold_native(False)
             self.native_held = False
+        if self.arrow_pool is not None:
+            os.environ.pop("ARROW_DEFAULT_MEMORY_POOL", None)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.determinism.close()
@@ -587,7 +592,23 @@ class MemgaugePlugin:
         write(f"results: {self.settings.output}")
 
 
-def environment(key: str, native: bool) -> dict[str, Any]:
+def use_arrow_system_pool() -> str | None:
+    """Arrow's default memory pool is jemalloc or mimalloc, linked into libarrow with private
+    symbols: its buffers would not be seen (and their arenas would never count, which is right,
+    but neither would what they hold). Its system pool allocates with ``posix_memalign`` and
+    ``free``, which the native hooks count. Selected before pyarrow reads its setting (at first
+    use), or switched now if it was imported already; left alone if the user chose a pool.
+    Returns the pool in use, or None when memgauge left it alone."""
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return None
+    os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+    pyarrow = sys.modules.get("pyarrow")
+    if pyarrow is not None:
+        pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+    return "system"
+
+
+def environment(key: str, native: bool, arrow_pool: str | None = None) -> dict[str, Any]:
     env: dict[str, Any] = {
         "key": key,
         # What the traced figures include: Python's allocators and NumPy's data buffers always,
@@ -602,4 +623,7 @@ def environment(key: str, native: bool) -> dict[str, Any]:
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         env["numpy"] = getattr(numpy, "__version__", "unknown")
+    if arrow_pool is not None:
+        # memgauge chose pyarrow's memory pool, so that its buffers are traced.
+        env["arrow_memory_pool"] = arrow_pool
     return env

@@ -21,7 +21,9 @@
 //!
 //! By topic: `runtime` (all of the engine's state in one value, the one way to reach it, and
 //! the interface the rest of the crate uses), `hooks` (what every allocator hook does),
-//! `domains` (CPython's three allocator domains), `numpy` (NumPy's array buffers), `sites` and
+//! `domains` (CPython's three allocator domains), `numpy` (NumPy's array buffers), `native` (the
+//! malloc family, as C code calls it) and `got` (the loaded objects' GOT slots it is
+//! interposed in), `sites` and
 //! `frames` (which line allocated), `trace` and `monitoring` (line events for the line
 //! profiler, from the trace function and from `sys.monitoring`); here, the few OS calls.
 

@@ -6,14 +6,15 @@
 //! one busy flag covers every layer: a block that `PyMem_RawMalloc` or NumPy's handler asks
 //! `malloc` for is counted once, by the outer hook, and the engine's own allocations (from
 //! memgauge's library, never patched) are not seen at all. A thread without the GIL queues its
-//! events, as the raw domain's do. `errno` is kept as the real function left it.
+//! events, as the raw domain's do. `errno` is kept as the real function left it: the
+//! bookkeeping after a successful call puts it back.
 //!
 //! Objects loaded later: `dlopen` is interposed by a two-instruction trampoline that notes the
 //! load and jumps to the real `dlopen`, so the loader still sees the caller's return address
 //! (glibc searches the caller's RUNPATH for a bare name). The next claim on the engine patches
-//! the new objects. `dlsym` is interposed so that a lookup of `malloc` (ctypes, cffi) returns
-//! the hook; `dlsym(RTLD_NEXT, …)` jumps straight to the real one, whose answer depends on who
-//! called it.
+//! the new objects. `dlsym` is interposed so that a lookup of `malloc` in a handle (ctypes,
+//! cffi) returns the hook; `dlsym(RTLD_NEXT, …)` and `dlsym(RTLD_DEFAULT, …)` jump straight to
+//! the real one, whose answer depends on who called it.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
@@ -95,21 +96,6 @@ fn real(function: usize) -> usize {
     RUNTIME.native.real[function].load(Relaxed)
 }
 
-/// Calls `f`, then puts `errno` back to what the real function (inside `f`) left in it: the
-/// engine's bookkeeping after the call may touch it.
-#[inline(always)]
-fn keeping_errno<R>(f: impl FnOnce(&dyn Fn()) -> R) -> R {
-    let saved = std::cell::Cell::new(0);
-    // SAFETY: errno's location is this thread's, valid for its life.
-    let location = unsafe { libc::__errno_location() };
-    // SAFETY: as above.
-    let save = || saved.set(unsafe { *location });
-    let result = f(&save);
-    // SAFETY: as above.
-    unsafe { *location = saved.get() };
-    result
-}
-
 macro_rules! real_fn {
     ($function:expr, $type:ty) => {
         // SAFETY: the table holds this function's address (the hook is only patched in, or
@@ -120,25 +106,15 @@ macro_rules! real_fn {
 
 extern "C" fn hook_malloc(size: usize) -> *mut c_void {
     let malloc = real_fn!(MALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
-    keeping_errno(|save| {
-        traced_alloc(size, false, || {
-            // SAFETY: the real malloc, with the caller's argument.
-            let block = unsafe { malloc(size) };
-            save();
-            block
-        })
-    })
+    // SAFETY: the real malloc, with the caller's argument.
+    traced_alloc(size, false, true, || unsafe { malloc(size) })
 }
 
 extern "C" fn hook_calloc(count: usize, size: usize) -> *mut c_void {
     let calloc = real_fn!(CALLOC, unsafe extern "C" fn(usize, usize) -> *mut c_void);
-    keeping_errno(|save| {
-        traced_alloc(count.saturating_mul(size), false, || {
-            // SAFETY: the real calloc, with the caller's arguments.
-            let block = unsafe { calloc(count, size) };
-            save();
-            block
-        })
+    // SAFETY: the real calloc, with the caller's arguments.
+    traced_alloc(count.saturating_mul(size), false, true, || unsafe {
+        calloc(count, size)
     })
 }
 
@@ -147,14 +123,8 @@ extern "C" fn hook_realloc(old: *mut c_void, size: usize) -> *mut c_void {
         REALLOC,
         unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void
     );
-    keeping_errno(|save| {
-        traced_realloc(old, size, false, || {
-            // SAFETY: the real realloc, with the caller's arguments.
-            let block = unsafe { realloc(old, size) };
-            save();
-            block
-        })
-    })
+    // SAFETY: the real realloc, with the caller's arguments.
+    traced_realloc(old, size, false, true, || unsafe { realloc(old, size) })
 }
 
 extern "C" fn hook_reallocarray(old: *mut c_void, count: usize, size: usize) -> *mut c_void {
@@ -162,14 +132,10 @@ extern "C" fn hook_reallocarray(old: *mut c_void, count: usize, size: usize) -> 
         REALLOCARRAY,
         unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void
     );
-    keeping_errno(|save| {
-        // An overflowing size fails in the real function, and the old block stays.
-        traced_realloc(old, count.saturating_mul(size), false, || {
-            // SAFETY: the real reallocarray, with the caller's arguments.
-            let block = unsafe { reallocarray(old, count, size) };
-            save();
-            block
-        })
+    // An overflowing size fails in the real function, and the old block stays.
+    // SAFETY: the real reallocarray, with the caller's arguments.
+    traced_realloc(old, count.saturating_mul(size), false, true, || unsafe {
+        reallocarray(old, count, size)
     })
 }
 
@@ -179,19 +145,16 @@ extern "C" fn hook_posix_memalign(out: *mut *mut c_void, alignment: usize, size:
         unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int
     );
     let status = std::cell::Cell::new(0);
-    keeping_errno(|save| {
-        traced_alloc(size, false, || {
-            // SAFETY: the real posix_memalign, with the caller's arguments.
-            let result = unsafe { posix_memalign(out, alignment, size) };
-            save();
-            status.set(result);
-            if result == 0 {
-                // SAFETY: on success the real function wrote the block to the caller's `out`.
-                unsafe { *out }
-            } else {
-                std::ptr::null_mut()
-            }
-        })
+    traced_alloc(size, false, true, || {
+        // SAFETY: the real posix_memalign, with the caller's arguments.
+        let result = unsafe { posix_memalign(out, alignment, size) };
+        status.set(result);
+        if result == 0 {
+            // SAFETY: on success the real function wrote the block to the caller's `out`.
+            unsafe { *out }
+        } else {
+            std::ptr::null_mut()
+        }
     });
     status.get()
 }
@@ -200,14 +163,8 @@ macro_rules! aligned_hook {
     ($name:ident, $function:expr) => {
         extern "C" fn $name(alignment: usize, size: usize) -> *mut c_void {
             let allocate = real_fn!($function, unsafe extern "C" fn(usize, usize) -> *mut c_void);
-            keeping_errno(|save| {
-                traced_alloc(size, false, || {
-                    // SAFETY: the real function, with the caller's arguments.
-                    let block = unsafe { allocate(alignment, size) };
-                    save();
-                    block
-                })
-            })
+            // SAFETY: the real function, with the caller's arguments.
+            traced_alloc(size, false, true, || unsafe { allocate(alignment, size) })
         }
     };
 }
@@ -217,14 +174,8 @@ aligned_hook!(hook_memalign, MEMALIGN);
 
 extern "C" fn hook_valloc(size: usize) -> *mut c_void {
     let valloc = real_fn!(VALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
-    keeping_errno(|save| {
-        traced_alloc(size, false, || {
-            // SAFETY: the real valloc, with the caller's argument.
-            let block = unsafe { valloc(size) };
-            save();
-            block
-        })
-    })
+    // SAFETY: the real valloc, with the caller's argument.
+    traced_alloc(size, false, true, || unsafe { valloc(size) })
 }
 
 extern "C" fn hook_pvalloc(size: usize) -> *mut c_void {
@@ -232,14 +183,8 @@ extern "C" fn hook_pvalloc(size: usize) -> *mut c_void {
     // pvalloc rounds the size up to whole pages, which the caller may use.
     let page = super::page_size() as usize;
     let rounded = size.max(1).div_ceil(page).saturating_mul(page);
-    keeping_errno(|save| {
-        traced_alloc(rounded, false, || {
-            // SAFETY: the real pvalloc, with the caller's argument.
-            let block = unsafe { pvalloc(size) };
-            save();
-            block
-        })
-    })
+    // SAFETY: the real pvalloc, with the caller's argument.
+    traced_alloc(rounded, false, true, || unsafe { pvalloc(size) })
 }
 
 extern "C" fn hook_free(address: *mut c_void) {
@@ -265,8 +210,9 @@ extern "C" fn hook_free_aligned_sized(address: *mut c_void, alignment: usize, si
     })
 }
 
-/// `dlsym` for any handle but `RTLD_NEXT` (the trampoline sends that to the real one): the real
-/// lookup, with an allocating function answered by its hook while the hooks are in.
+/// `dlsym` in a handle (the trampoline sends `RTLD_NEXT` and `RTLD_DEFAULT` to the real one):
+/// the real lookup, which does not depend on who asks, with an allocating function answered by
+/// its hook while the hooks are in.
 extern "C" fn dlsym_mapped(handle: *mut c_void, name: *const c_char) -> *mut c_void {
     let dlsym = real_fn!(
         DLSYM,
@@ -284,7 +230,8 @@ extern "C" fn dlsym_mapped(handle: *mut c_void, name: *const c_char) -> *mut c_v
 }
 
 // The trampolines: `dlopen` notes that objects may have changed and jumps on; `dlsym` sends
-// RTLD_NEXT (-1) to the real one and the rest to `dlsym_mapped`. r11 is the scratch register
+// RTLD_NEXT (-1) and RTLD_DEFAULT (0), whose answers depend on the caller's place and scope, to
+// the real one, and a lookup in a handle (ctypes' and cffi's) to `dlsym_mapped`. r11 is the scratch register
 // the ABI leaves to a call's glue (a PLT stub uses it too). Hidden: not exported by the module.
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
@@ -305,6 +252,8 @@ std::arch::global_asm!(
     ".p2align 4",
     "memgauge_native_dlsym:",
     "cmp rdi, -1",
+    "je 2f",
+    "test rdi, rdi",
     "je 2f",
     "jmp {dlsym_mapped}@PLT",
     "2:",

@@ -238,7 +238,7 @@ fn locate(py: Python<'_>, site: Option<(*mut ffi::PyObject, c_int)>) -> SiteLoca
         return SiteLocation {
             file: "<native>".to_owned(),
             line: 0,
-            function: "<no Python frame>".to_owned(),
+            function: "<C code: no Python line>".to_owned(),
         };
     };
     // SAFETY: `code` is a strong reference taken in `locate_sites`; Bound takes it over.
