@@ -3,13 +3,21 @@
 //! filled in; writing a hook's address into the slot makes that object's calls go to the hook.
 //! No `LD_PRELOAD` needed, so it works in a process that is already running (pytest).
 //!
-//! A slot is patched only when it holds the function the hooks call on (the global
-//! definition) or, bound lazily, still points into its own object's PLT: a slot that holds
-//! something else belongs to an object with an allocator of its own, which is left alone.
-//! Every patched slot's value from before is kept and written back on [`Patches::restore`],
-//! with its page's protection as it was. The dynamic loader, the vdso and memgauge's own
-//! library are never patched: the loader allocates for itself, and the hooks' own calls must
-//! reach the real functions.
+//! Two addresses name a function. Its definition (in libc, or a preloaded allocator) is where
+//! calls end. Its canonical address is what `dlsym` answers and what a function pointer holds:
+//! the definition, except when a non-PIE executable takes the function's address (Debian's and
+//! Ubuntu's `python3`), which makes an entry of that executable's PLT the canonical address, a
+//! jump through the executable's own slot. So the definition is read from that slot; the hooks
+//! call the definition, never the canonical address. That slot is never patched: the dynamic
+//! loader calls `malloc` through the canonical entry, and no hook may run inside the loader.
+//!
+//! A slot is patched only when it holds one of the two or, bound lazily, still points into its
+//! own object's PLT: a slot that holds something else belongs to an object with an allocator of
+//! its own, which is left alone. Every patched slot's value from before is kept and written back
+//! on [`Patches::restore`], with its page's protection as it was. The dynamic loader and the vdso
+//! are never patched (the loader allocates for itself). memgauge's own library gets the
+//! definitions in its slots rather than hooks, so its own allocations never meet a hook, even
+//! through an executable's canonical entry.
 
 #![cfg_attr(not(feature = "python"), allow(dead_code))]
 
@@ -20,11 +28,14 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use object::elf;
 use object::NativeEndian as NE;
 
-/// A function the hooks interpose: its name, where the hooks call it, and the hook.
+/// A function the hooks interpose: its name, its canonical address (what `dlsym` answers; 0 when
+/// the global scope has none), its definition (0 until found, see [`Patches::find_definitions`]),
+/// and the hook.
 #[derive(Clone, Copy)]
 pub(super) struct Interposed {
     pub(super) name: &'static CStr,
-    pub(super) real: usize,
+    pub(super) canonical: usize,
+    pub(super) definition: usize,
     pub(super) hook: usize,
 }
 
@@ -39,6 +50,21 @@ struct Slot {
     /// Whether its page was read-only when walked (in the object's RELRO range, made
     /// read-only after relocation): made writable for a write, and read-only again.
     read_only: bool,
+    /// A slot of memgauge's own library: given the definition, not the hook.
+    own: bool,
+}
+
+impl Slot {
+    /// Whether the slot is of the object whose PLT holds the function's canonical entry (a
+    /// non-PIE executable's): that entry jumps through it, and the dynamic loader itself calls
+    /// `malloc` through that entry, so it is never patched: no hook runs inside the loader. The
+    /// executable's own calls to the function go untraced (CPython's are through the raw domain,
+    /// traced there); every other object's are traced.
+    fn behind_the_canonical_entry(&self, function: &Interposed) -> bool {
+        !self.own
+            && function.canonical != function.definition
+            && (self.object.0..self.object.1).contains(&function.canonical)
+    }
 }
 
 /// The slots patched now, and what the last walk found.
@@ -52,47 +78,100 @@ pub(super) struct Patches {
 }
 
 impl Patches {
-    /// Patches every slot of the loaded objects that calls one of `functions`, walking the
-    /// objects again only if one was loaded or unloaded since the last walk. Returns how many
-    /// slots hold a hook now.
+    /// The loader's counters at the last walk.
+    pub(super) fn walked(&self) -> Option<(u64, u64)> {
+        self.walked
+    }
+
+    /// Walks the loaded objects if one was loaded or unloaded since the last walk.
     ///
     /// # Safety
-    /// Each hook has the signature of its function, and `functions` is the same table each
-    /// time. Called by one thread at a time.
-    pub(super) unsafe fn patch(&mut self, functions: &[Interposed], own: usize) -> usize {
+    /// `functions` is the same table each time. Called by one thread at a time.
+    pub(super) unsafe fn walk_if_changed(&mut self, functions: &[Interposed], own: usize) {
         let counters = loader_counters();
-        if self.walked != Some(counters) {
-            // SAFETY: as the caller promised.
-            self.slots = unsafe { walk(functions, own) };
-            self.walked = Some(counters);
-            // Objects unloaded since: their slots are gone with them.
-            let current: std::collections::HashSet<usize> =
-                self.slots.iter().map(|slot| slot.address).collect();
-            self.originals
-                .retain(|address, _| current.contains(address));
+        if self.walked == Some(counters) {
+            return;
         }
+        // SAFETY: as the caller promised.
+        self.slots = unsafe { walk(functions, own) };
+        self.walked = Some(counters);
+        // Objects unloaded since: their slots are gone with them.
+        let current: std::collections::HashSet<usize> =
+            self.slots.iter().map(|slot| slot.address).collect();
+        self.originals
+            .retain(|address, _| current.contains(address));
+    }
+
+    /// Fills in the definition of each function that has none yet: its canonical address,
+    /// unless that is an entry of an object's PLT (an object with a slot of the function whose
+    /// mapped range holds the address), whose slot then holds the definition. A function whose
+    /// definition cannot be read (that slot is not bound yet) keeps 0 and is not patched.
+    pub(super) fn find_definitions(&self, functions: &mut [Interposed]) {
+        for (index, function) in functions.iter_mut().enumerate() {
+            if function.definition != 0 || function.canonical == 0 {
+                continue;
+            }
+            let canonical = function.canonical;
+            let entry_of = self.slots.iter().find(|slot| {
+                slot.function == index
+                    && !slot.own
+                    && (slot.object.0..slot.object.1).contains(&canonical)
+            });
+            function.definition = match entry_of {
+                None => canonical,
+                Some(slot) => {
+                    // SAFETY: a slot of a loaded object, found by the last walk.
+                    let bound = unsafe { read_slot(slot.address) };
+                    if bound == canonical {
+                        canonical // The object defines it (libc's slots of its own malloc).
+                    } else if (slot.object.0..slot.object.1).contains(&bound) {
+                        0 // Its PLT entry, not bound yet.
+                    } else {
+                        bound
+                    }
+                }
+            };
+        }
+    }
+
+    /// Writes the hooks into every slot that calls one of `functions` (and the definitions into
+    /// memgauge's own slots), as the last walk found them. Returns how many slots were written.
+    ///
+    /// # Safety
+    /// Each hook has the signature of its function, the definitions are those
+    /// [`Patches::find_definitions`] found, and `functions` is the table of the last walk.
+    pub(super) unsafe fn patch(&mut self, functions: &[Interposed]) -> usize {
         let mut writes = Vec::new();
         for slot in &self.slots {
             let function = &functions[slot.function];
+            if function.definition == 0 || slot.behind_the_canonical_entry(function) {
+                continue;
+            }
+            let target = if slot.own {
+                function.definition
+            } else {
+                function.hook
+            };
             // SAFETY: the slot is a word of a loaded object's GOT, found in its relocations.
             let value = unsafe { read_slot(slot.address) };
-            if value == function.hook {
+            if value == target {
                 continue;
             }
             let lazily_bound = (slot.object.0..slot.object.1).contains(&value);
-            if value != function.real && !lazily_bound {
+            let calls_it = value == function.definition || value == function.canonical;
+            if !calls_it && !lazily_bound {
                 continue; // An allocator of the object's own.
             }
-            self.originals.insert(slot.address, value);
-            writes.push((*slot, function.hook));
+            self.originals.entry(slot.address).or_insert(value);
+            writes.push((*slot, target));
         }
-        // SAFETY: each write puts a hook of the slot's function in it (the caller's promise).
+        // SAFETY: each write puts a hook of the slot's function, or its definition, in it.
         unsafe { write_slots(&writes) };
-        self.originals.len()
+        writes.len()
     }
 
-    /// Writes back every patched slot that still holds our hook (another tool that patched it
-    /// since keeps its own), walking the objects again if one was unloaded.
+    /// Writes back every patched slot that still holds what we wrote (another tool that patched
+    /// it since keeps its own), walking the objects again if one was unloaded.
     ///
     /// # Safety
     /// As [`Patches::patch`].
@@ -111,8 +190,14 @@ impl Patches {
             let Some(&original) = self.originals.get(&slot.address) else {
                 continue;
             };
+            let function = &functions[slot.function];
+            let ours = if slot.own {
+                function.definition
+            } else {
+                function.hook
+            };
             // SAFETY: the slot is a word of a loaded object's GOT (walked since the last unload).
-            if unsafe { read_slot(slot.address) } == functions[slot.function].hook {
+            if unsafe { read_slot(slot.address) } == ours {
                 writes.push((*slot, original));
             }
         }
@@ -131,10 +216,12 @@ impl Patches {
         self.walked = Some(loader_counters());
     }
 
-    /// Every slot of the last walk with its value now: for the test that all were restored.
+    /// Every slot of the last walk but memgauge's own, with its value now: for the test that
+    /// all were restored.
     pub(super) fn slot_values(&self) -> Vec<(usize, usize)> {
         self.slots
             .iter()
+            .filter(|slot| !slot.own)
             // SAFETY: the slots are of objects loaded at the last walk; callers walk first.
             .map(|slot| (slot.address, unsafe { read_slot(slot.address) }))
             .collect()
@@ -247,9 +334,7 @@ unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
             _ => {}
         }
     }
-    if (start..end).contains(&walk.own) {
-        return; // memgauge's own library: the hooks call the real functions through it.
-    }
+    let own = (start..end).contains(&walk.own);
     let Some(dynamic) = dynamic else {
         return;
     };
@@ -283,7 +368,7 @@ unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
             let Some(function) = walk
                 .functions
                 .iter()
-                .position(|f| f.real != 0 && f.name == symbol_name)
+                .position(|f| f.canonical != 0 && f.name == symbol_name)
             else {
                 continue;
             };
@@ -293,6 +378,7 @@ unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
                 function,
                 object: (start, end),
                 read_only: (relro.0..relro.1).contains(&address),
+                own,
             });
         }
     }

@@ -17,10 +17,10 @@
 //! the real one, whose answer depends on who called it.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use super::got::{Interposed, Patches};
+use super::got::{self, Interposed, Patches};
 use super::hooks::{traced_alloc, traced_free, traced_realloc};
 use super::runtime::{HAS_PENDING_OFFSET, NATIVE_OFFSET, RUNTIME};
 
@@ -61,14 +61,22 @@ const NAMES: [&CStr; FUNCTIONS] = [
 
 /// The native hooks' part of the runtime.
 pub(super) struct NativePatch {
-    /// The real functions, as the global scope resolves them (0: not in this libc), looked up
-    /// once and kept: a hook handed out by `dlsym` may be called after the slots are restored.
+    /// The functions' definitions, which the hooks call (0: not found, or not in this libc;
+    /// see [`got`](super::got) on the two addresses of a function). Found once and kept: a hook
+    /// handed out by `dlsym` may be called after the slots are restored.
     real: [AtomicUsize; FUNCTIONS],
+    /// Their canonical addresses, what `dlsym` answers.
+    canonical: [AtomicUsize; FUNCTIONS],
     /// Whether the slots hold the hooks.
     installed: AtomicBool,
-    /// Set by the `dlopen` trampoline (with the runtime's `has_pending`, so that the next claim
-    /// looks): objects may have been loaded.
-    objects_changed: AtomicBool,
+    /// Counted by the `dlopen` trampoline (which sets the runtime's `has_pending` too, so that
+    /// the next claim looks), and the count the last look was for: objects may have been loaded.
+    dlopens: AtomicU64,
+    dlopens_seen: AtomicU64,
+    /// Looks since `dlopens_seen` that found no object added: the trampoline runs as `dlopen`
+    /// starts, so a claim made inside it (libc allocates there) may look before the object is
+    /// in the loader's list, and later claims look again, up to [`LOOKS_AFTER_A_DLOPEN`].
+    looks: AtomicU32,
     /// Holds that keep the hooks in while no scope is open (the pytest plugin's, for its
     /// session: each test's scope then finds them in, and ctypes' lookups made at import get
     /// the hooks).
@@ -80,15 +88,22 @@ impl NativePatch {
     #[allow(clippy::declare_interior_mutable_const)]
     pub(super) const UNSET: NativePatch = NativePatch {
         real: [const { AtomicUsize::new(0) }; FUNCTIONS],
+        canonical: [const { AtomicUsize::new(0) }; FUNCTIONS],
         installed: AtomicBool::new(false),
-        objects_changed: AtomicBool::new(false),
+        dlopens: AtomicU64::new(0),
+        dlopens_seen: AtomicU64::new(0),
+        looks: AtomicU32::new(0),
         holds: AtomicUsize::new(0),
         patches: Mutex::new(None),
     };
 }
 
 /// Where the trampolines find their statics: offsets into the runtime.
-pub(super) const OBJECTS_CHANGED_OFFSET: usize = std::mem::offset_of!(NativePatch, objects_changed);
+pub(super) const DLOPENS_OFFSET: usize = std::mem::offset_of!(NativePatch, dlopens);
+
+/// How many claims look for the objects of a `dlopen` that added none (a library loaded
+/// already: nothing to patch) before they stop: a few microseconds each, in that one test.
+const LOOKS_AFTER_A_DLOPEN: u32 = 1000;
 pub(super) const REAL_OFFSET: usize = std::mem::offset_of!(NativePatch, real);
 
 #[inline(always)]
@@ -224,8 +239,11 @@ extern "C" fn dlsym_mapped(handle: *mut c_void, name: *const c_char) -> *mut c_v
         return found;
     }
     let hooks = hooks();
+    let canonical = &RUNTIME.native.canonical;
     (0..ALLOCATORS)
-        .find(|&function| real(function) == found as usize)
+        .find(|&function| {
+            real(function) == found as usize || canonical[function].load(Relaxed) == found as usize
+        })
         .map_or(found, |function| hooks[function] as *mut c_void)
 }
 
@@ -242,7 +260,7 @@ std::arch::global_asm!(
     ".p2align 4",
     "memgauge_native_dlopen:",
     "mov r11, qword ptr [rip + {runtime}@GOTPCREL]",
-    "mov byte ptr [r11 + {changed}], 1",
+    "lock inc qword ptr [r11 + {dlopens}]",
     "mov byte ptr [r11 + {pending}], 1",
     "jmp qword ptr [r11 + {real_dlopen}]",
     ".size memgauge_native_dlopen, .-memgauge_native_dlopen",
@@ -262,7 +280,7 @@ std::arch::global_asm!(
     ".size memgauge_native_dlsym, .-memgauge_native_dlsym",
     ".popsection",
     runtime = sym RUNTIME,
-    changed = const NATIVE_OFFSET + OBJECTS_CHANGED_OFFSET,
+    dlopens = const NATIVE_OFFSET + DLOPENS_OFFSET,
     pending = const HAS_PENDING_OFFSET,
     real_dlopen = const NATIVE_OFFSET + REAL_OFFSET + DLOPEN * 8,
     real_dlsym = const NATIVE_OFFSET + REAL_OFFSET + DLSYM * 8,
@@ -300,54 +318,85 @@ impl NativePatch {
         let hooks = hooks();
         std::array::from_fn(|function| Interposed {
             name: NAMES[function],
-            real: self.real[function].load(Relaxed),
+            canonical: self.canonical[function].load(Relaxed),
+            definition: self.real[function].load(Relaxed),
             hook: hooks[function],
         })
     }
 
-    /// Looks the real functions up, once: as the global scope resolves them, which is what an
-    /// unpatched slot resolves to.
-    fn resolve(&self) -> bool {
-        if self.real[MALLOC].load(Relaxed) == 0 {
-            for (function, name) in NAMES.iter().enumerate() {
-                // SAFETY: a lookup in the global scope, by a NUL-terminated name.
-                let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
-                self.real[function].store(address as usize, Relaxed);
-            }
-        }
-        // The hooks need these; the rest are patched where they exist.
-        [MALLOC, FREE, CALLOC, REALLOC, DLOPEN, DLSYM]
-            .iter()
-            .all(|&function| self.real[function].load(Relaxed) != 0)
-    }
-
     /// Puts the hooks in every loaded object's slots (again, for objects loaded since).
-    /// Returns how many slots hold a hook, or None when the real functions cannot be found.
+    /// Returns how many slots were written, or None when a function the hooks need has no
+    /// definition to call.
     ///
     /// Called by the GIL holder with its allocations untraced.
     pub(super) fn install(&self) -> Option<usize> {
-        if !self.resolve() {
+        if self.canonical[MALLOC].load(Relaxed) == 0 {
+            for (function, name) in NAMES.iter().enumerate() {
+                // SAFETY: a lookup in the global scope, by a NUL-terminated name.
+                let address = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                self.canonical[function].store(address as usize, Relaxed);
+            }
+        }
+        // Whatever `dlopen` added so far is patched below.
+        let dlopens = self.dlopens.load(Relaxed);
+        let mut table = self.table();
+        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        let patches = patches.get_or_insert_with(Patches::default);
+        // SAFETY: the table is the same every time, and the lock makes one patcher at a time.
+        unsafe { patches.walk_if_changed(&table, hook_malloc as *const () as usize) };
+        patches.find_definitions(&mut table);
+        for (function, entry) in table.iter_mut().enumerate() {
+            // A definition, once found, stays: hooks may be running on it.
+            let known = self.real[function].load(Relaxed);
+            if known == 0 && entry.definition != 0 {
+                self.real[function].store(entry.definition, Relaxed);
+            } else {
+                entry.definition = known;
+            }
+        }
+        // The hooks need these; the rest are patched where they exist.
+        let needed = [MALLOC, FREE, CALLOC, REALLOC, DLOPEN, DLSYM];
+        if needed
+            .iter()
+            .any(|&function| table[function].definition == 0)
+        {
             return None;
         }
-        self.objects_changed.store(false, Relaxed);
-        let table = self.table();
-        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: each hook has its function's signature, the table is the same every time,
-        // and the lock makes one patcher at a time.
-        let patched = unsafe {
-            patches
-                .get_or_insert_with(Patches::default)
-                .patch(&table, hook_malloc as *const () as usize)
-        };
+        // SAFETY: each hook has its function's signature, and the definitions were found by
+        // the walk the slots come from.
+        let written = unsafe { patches.patch(&table) };
+        self.dlopens_seen.store(dlopens, Relaxed);
+        self.looks.store(0, Relaxed);
         self.installed.store(true, Relaxed);
-        Some(patched)
+        Some(written)
     }
 
-    /// After a `dlopen`: patches the new objects, if the hooks are in.
-    pub(super) fn refresh(&self) {
-        if self.objects_changed.load(Relaxed) && self.installed.load(Relaxed) {
-            self.install();
+    /// After a `dlopen`: patches the objects it added, if the hooks are in. Returns whether a
+    /// later claim should look again (the `dlopen` may still be running).
+    pub(super) fn refresh(&self) -> bool {
+        if !self.installed.load(Relaxed)
+            || self.dlopens.load(Relaxed) == self.dlopens_seen.load(Relaxed)
+        {
+            return false;
         }
+        let walked = self
+            .patches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Patches::walked);
+        if walked != Some(got::loader_counters()) {
+            self.install();
+            return false;
+        }
+        let looks = self.looks.load(Relaxed) + 1;
+        if looks < LOOKS_AFTER_A_DLOPEN {
+            self.looks.store(looks, Relaxed);
+            return true;
+        }
+        // A library that was loaded already: nothing to patch.
+        self.install();
+        false
     }
 
     /// Writes every patched slot back as it was.

@@ -49,6 +49,9 @@ pub(crate) struct Engine {
     /// Open scopes that trace native allocations: while one is open, the malloc family's
     /// slots hold the hooks.
     native: ScopeMask,
+    /// The queue's other buffer: swapped in when the queue is applied, so both keep their
+    /// capacity and a thread's push rarely allocates.
+    spare_events: Vec<Pending>,
 }
 
 impl Engine {
@@ -586,18 +589,25 @@ impl Drop for Claim {
 #[cold]
 #[inline(never)]
 fn apply_pending(engine: &mut Option<Engine>) {
-    // The `dlopen` trampoline sets the flag too: the objects it loaded get the hooks.
+    // The `dlopen` trampoline sets the flag too: the objects it loaded get the hooks. Set
+    // again below while it may still be loading them.
     #[cfg(native_hooks)]
-    RUNTIME.native.refresh();
-    let events = {
-        let mut queue = RUNTIME.pending.lock();
-        RUNTIME.has_pending.store(false, Relaxed);
-        std::mem::take(&mut *queue)
-    };
+    let look_again = RUNTIME.native.refresh();
+    #[cfg(not(native_hooks))]
+    let look_again = false;
     let Some(engine) = engine.as_mut() else {
+        let mut queue = RUNTIME.pending.lock();
+        RUNTIME.has_pending.store(look_again, Relaxed);
+        queue.clear();
         return;
     };
-    for event in events {
+    let mut events = std::mem::take(&mut engine.spare_events);
+    {
+        let mut queue = RUNTIME.pending.lock();
+        RUNTIME.has_pending.store(look_again, Relaxed);
+        std::mem::swap(&mut *queue, &mut events);
+    }
+    for event in events.drain(..) {
         match event {
             Pending::Alloc {
                 address,
@@ -610,6 +620,7 @@ fn apply_pending(engine: &mut Option<Engine>) {
             Pending::Free { address } => engine.tracker.on_free(address),
         }
     }
+    engine.spare_events = events;
 }
 
 /// The running thread state, for a hook of the GIL holder (which has one).
