@@ -4,11 +4,14 @@ fn main() {
     // with the GIL.
     println!("cargo:rustc-check-cfg=cfg(read_frames)");
     // `native_hooks`: the malloc family can be interposed in the loaded objects' GOT slots
-    // (`src/engine/ffi/native.rs`): ELF on Linux, and x86_64, where the `dlopen` trampoline
-    // is written.
+    // (`src/engine/ffi/native.rs`): 64-bit ELF on Linux, and x86_64 (not x32), where the
+    // `dlopen` trampoline is written.
     println!("cargo:rustc-check-cfg=cfg(native_hooks)");
     let target = |key: &str| std::env::var(key).unwrap_or_default();
-    if target("CARGO_CFG_TARGET_OS") == "linux" && target("CARGO_CFG_TARGET_ARCH") == "x86_64" {
+    if target("CARGO_CFG_TARGET_OS") == "linux"
+        && target("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && target("CARGO_CFG_TARGET_POINTER_WIDTH") == "64"
+    {
         println!("cargo:rustc-cfg=native_hooks");
     }
     #[cfg(feature = "python")]

@@ -109,7 +109,7 @@ extern "C" fn hook_malloc<const D: usize>(_ctx: *mut c_void, size: usize) -> *mu
     let original = &RUNTIME.allocators.originals[D];
     // SAFETY: the malloc field holds a MallocFn, and this hook is installed.
     let (ctx, malloc) = unsafe { original.get::<MallocFn>(&original.malloc) };
-    traced_alloc(size, D != RAW, false, || malloc(ctx, size))
+    traced_alloc(size, D != RAW, || malloc(ctx, size))
 }
 
 extern "C" fn hook_calloc<const D: usize>(
@@ -120,7 +120,7 @@ extern "C" fn hook_calloc<const D: usize>(
     let original = &RUNTIME.allocators.originals[D];
     // SAFETY: the calloc field holds a CallocFn, and this hook is installed.
     let (ctx, calloc) = unsafe { original.get::<CallocFn>(&original.calloc) };
-    traced_alloc(count.saturating_mul(size), D != RAW, false, || {
+    traced_alloc(count.saturating_mul(size), D != RAW, || {
         calloc(ctx, count, size)
     })
 }
@@ -133,9 +133,7 @@ extern "C" fn hook_realloc<const D: usize>(
     let original = &RUNTIME.allocators.originals[D];
     // SAFETY: the realloc field holds a ReallocFn, and this hook is installed.
     let (ctx, realloc) = unsafe { original.get::<ReallocFn>(&original.realloc) };
-    traced_realloc(old, new_size, D != RAW, false, || {
-        realloc(ctx, old, new_size)
-    })
+    traced_realloc(old, new_size, D != RAW, || realloc(ctx, old, new_size))
 }
 
 extern "C" fn hook_free<const D: usize>(_ctx: *mut c_void, address: *mut c_void) {

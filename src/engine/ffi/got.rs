@@ -23,20 +23,21 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void, CStr};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::Release};
 
 use object::elf;
 use object::NativeEndian as NE;
 
 /// A function the hooks interpose: its name, its canonical address (what `dlsym` answers; 0 when
 /// the global scope has none), its definition (0 until found, see [`Patches::find_definitions`]),
-/// and the hook.
+/// the hook, and whether the dynamic loader may call it (the malloc family).
 #[derive(Clone, Copy)]
 pub(super) struct Interposed {
     pub(super) name: &'static CStr,
     pub(super) canonical: usize,
     pub(super) definition: usize,
     pub(super) hook: usize,
+    pub(super) loader_calls_it: bool,
 }
 
 /// One slot found in a walk of the loaded objects.
@@ -45,32 +46,42 @@ struct Slot {
     address: usize,
     /// The index of its function in the [`Interposed`] table.
     function: usize,
-    /// The bounds of its object's mapped segments, which a lazily bound slot points into.
+    /// The bounds of its object's mapped segments.
     object: (usize, usize),
-    /// Whether its page was read-only when walked (in the object's RELRO range, made
-    /// read-only after relocation): made writable for a write, and read-only again.
-    read_only: bool,
+    /// Whether it lies in the object's RELRO range, made read-only after relocation: its
+    /// page's protection is looked at when it is written.
+    relro: bool,
+    /// Whether the slot may be bound lazily: a PLT slot of a function the object does not
+    /// define, whose value points into the object's own PLT until the first call.
+    lazy: bool,
     /// A slot of memgauge's own library: given the definition, not the hook.
     own: bool,
 }
 
 impl Slot {
     /// Whether the slot is of the object whose PLT holds the function's canonical entry (a
-    /// non-PIE executable's): that entry jumps through it, and the dynamic loader itself calls
-    /// `malloc` through that entry, so it is never patched: no hook runs inside the loader. The
-    /// executable's own calls to the function go untraced (CPython's are through the raw domain,
-    /// traced there); every other object's are traced.
+    /// non-PIE executable's) and the loader calls the function: that entry jumps through the
+    /// slot, and the dynamic loader calls `malloc` through that entry, so the slot is never
+    /// patched and no hook runs inside the loader. The executable's own calls to the function
+    /// go untraced (CPython's go through the raw domain, traced there).
     fn behind_the_canonical_entry(&self, function: &Interposed) -> bool {
         !self.own
+            && function.loader_calls_it
             && function.canonical != function.definition
             && (self.object.0..self.object.1).contains(&function.canonical)
+    }
+
+    /// Whether the value is the slot's own lazy binding (its object's PLT, not yet called).
+    fn unbound(&self, value: usize) -> bool {
+        self.lazy && (self.object.0..self.object.1).contains(&value)
     }
 }
 
 /// The slots patched now, and what the last walk found.
 #[derive(Default)]
 pub(super) struct Patches {
-    /// The slots of the last walk, and the loader's (adds, subs) counters then.
+    /// The slots of the last walk (sorted by address), and the loader's (adds, subs) counters
+    /// then.
     slots: Vec<Slot>,
     walked: Option<(u64, u64)>,
     /// Each patched slot's value from before.
@@ -103,33 +114,40 @@ impl Patches {
     }
 
     /// Fills in the definition of each function that has none yet: its canonical address,
-    /// unless that is an entry of an object's PLT (an object with a slot of the function whose
-    /// mapped range holds the address), whose slot then holds the definition. A function whose
-    /// definition cannot be read (that slot is not bound yet) keeps 0 and is not patched.
+    /// unless that is an entry of an object's PLT (an object that does not define the function
+    /// and whose mapped range holds the address), whose slot then holds the definition. A
+    /// function whose definition cannot be read (that slot is not bound yet) keeps 0 and is not
+    /// patched.
     pub(super) fn find_definitions(&self, functions: &mut [Interposed]) {
-        for (index, function) in functions.iter_mut().enumerate() {
+        let mut values = HashMap::new();
+        for (index, function) in functions.iter().enumerate() {
             if function.definition != 0 || function.canonical == 0 {
                 continue;
             }
             let canonical = function.canonical;
             let entry_of = self.slots.iter().find(|slot| {
                 slot.function == index
+                    && slot.lazy
                     && !slot.own
                     && (slot.object.0..slot.object.1).contains(&canonical)
             });
+            values.insert(index, entry_of.copied());
+        }
+        let mut read = HashMap::new();
+        // SAFETY: reads only, of slots of objects the loader holds loaded meanwhile.
+        unsafe {
+            self.for_each_loaded(|slot| {
+                read.insert(slot.address, read_slot(slot.address));
+            })
+        };
+        for (index, entry_of) in values {
+            let function = &mut functions[index];
             function.definition = match entry_of {
-                None => canonical,
-                Some(slot) => {
-                    // SAFETY: a slot of a loaded object, found by the last walk.
-                    let bound = unsafe { read_slot(slot.address) };
-                    if bound == canonical {
-                        canonical // The object defines it (libc's slots of its own malloc).
-                    } else if (slot.object.0..slot.object.1).contains(&bound) {
-                        0 // Its PLT entry, not bound yet.
-                    } else {
-                        bound
-                    }
-                }
+                None => function.canonical,
+                Some(slot) => match read.get(&slot.address) {
+                    Some(&bound) if !slot.unbound(bound) => bound,
+                    _ => 0, // Its PLT entry, not bound yet (or the object is gone).
+                },
             };
         }
     }
@@ -141,69 +159,76 @@ impl Patches {
     /// Each hook has the signature of its function, the definitions are those
     /// [`Patches::find_definitions`] found, and `functions` is the table of the last walk.
     pub(super) unsafe fn patch(&mut self, functions: &[Interposed]) -> usize {
-        let mut writes = Vec::new();
-        for slot in &self.slots {
-            let function = &functions[slot.function];
-            if function.definition == 0 || slot.behind_the_canonical_entry(function) {
-                continue;
-            }
-            let target = if slot.own {
-                function.definition
-            } else {
-                function.hook
-            };
-            // SAFETY: the slot is a word of a loaded object's GOT, found in its relocations.
-            let value = unsafe { read_slot(slot.address) };
-            if value == target {
-                continue;
-            }
-            let lazily_bound = (slot.object.0..slot.object.1).contains(&value);
-            let calls_it = value == function.definition || value == function.canonical;
-            if !calls_it && !lazily_bound {
-                continue; // An allocator of the object's own.
-            }
-            self.originals.entry(slot.address).or_insert(value);
-            writes.push((*slot, target));
-        }
-        // SAFETY: each write puts a hook of the slot's function, or its definition, in it.
-        unsafe { write_slots(&writes) };
-        writes.len()
+        let mut originals = std::mem::take(&mut self.originals);
+        let mut writes = 0;
+        // SAFETY: each slot is read and written while the loader holds its object loaded; each
+        // write puts a hook of the slot's function, or its definition, in it.
+        unsafe {
+            self.for_each_object(|slots| {
+                let mut batch = Vec::new();
+                for slot in slots {
+                    let function = &functions[slot.function];
+                    if function.definition == 0 || slot.behind_the_canonical_entry(function) {
+                        continue;
+                    }
+                    let target = if slot.own {
+                        function.definition
+                    } else {
+                        function.hook
+                    };
+                    let value = read_slot(slot.address);
+                    if value == target {
+                        continue;
+                    }
+                    let calls_it = value == function.definition || value == function.canonical;
+                    if !calls_it && !slot.unbound(value) {
+                        continue; // An allocator of the object's own.
+                    }
+                    // What the slot holds now is what goes back (a slot at this address before
+                    // was of an object unloaded since).
+                    originals.insert(slot.address, value);
+                    batch.push((*slot, target));
+                }
+                writes += batch.len();
+                write_slots(&batch);
+            })
+        };
+        self.originals = originals;
+        writes
     }
 
     /// Writes back every patched slot that still holds what we wrote (another tool that patched
-    /// it since keeps its own), walking the objects again if one was unloaded.
+    /// it since keeps its own).
     ///
     /// # Safety
     /// As [`Patches::patch`].
-    pub(super) unsafe fn restore(&mut self, functions: &[Interposed], own: usize) {
+    pub(super) unsafe fn restore(&mut self, functions: &[Interposed]) {
         if self.originals.is_empty() {
             return;
         }
-        let counters = loader_counters();
-        if self.walked.map(|(_, subs)| subs) != Some(counters.1) {
-            // SAFETY: as the caller promised.
-            self.slots = unsafe { walk(functions, own) };
-            self.walked = Some(counters);
-        }
-        let mut writes = Vec::new();
-        for slot in &self.slots {
-            let Some(&original) = self.originals.get(&slot.address) else {
-                continue;
-            };
-            let function = &functions[slot.function];
-            let ours = if slot.own {
-                function.definition
-            } else {
-                function.hook
-            };
-            // SAFETY: the slot is a word of a loaded object's GOT (walked since the last unload).
-            if unsafe { read_slot(slot.address) } == ours {
-                writes.push((*slot, original));
-            }
-        }
-        // SAFETY: each write puts back the value the slot had before we patched it.
-        unsafe { write_slots(&writes) };
-        self.originals.clear();
+        let originals = std::mem::take(&mut self.originals);
+        // SAFETY: each slot is read and written while the loader holds its object loaded; each
+        // write puts back the value the slot had before we patched it.
+        unsafe {
+            self.for_each_object(|slots| {
+                let mut batch = Vec::new();
+                for slot in slots {
+                    let Some(&original) = originals.get(&slot.address) else {
+                        continue;
+                    };
+                    let function = &functions[slot.function];
+                    let ours = if slot.own {
+                        function.definition
+                    } else {
+                        function.hook
+                    };
+                    if read_slot(slot.address) == ours {
+                        batch.push((*slot, original));
+                    }
+                }
+                write_slots(&batch);
+            })
+        };
     }
 
     /// Walks the loaded objects again, writing nothing: for [`Patches::slot_values`].
@@ -211,20 +236,82 @@ impl Patches {
     /// # Safety
     /// As [`Patches::patch`].
     pub(super) unsafe fn walk_only(&mut self, functions: &[Interposed], own: usize) {
+        let counters = loader_counters();
         // SAFETY: as the caller promised.
         self.slots = unsafe { walk(functions, own) };
-        self.walked = Some(loader_counters());
+        self.walked = Some(counters);
     }
 
     /// Every slot of the last walk but memgauge's own, with its value now: for the test that
     /// all were restored.
     pub(super) fn slot_values(&self) -> Vec<(usize, usize)> {
-        self.slots
-            .iter()
-            .filter(|slot| !slot.own)
-            // SAFETY: the slots are of objects loaded at the last walk; callers walk first.
-            .map(|slot| (slot.address, unsafe { read_slot(slot.address) }))
-            .collect()
+        let mut values = Vec::new();
+        // SAFETY: reads only, of slots of objects the loader holds loaded meanwhile.
+        unsafe {
+            self.for_each_loaded(|slot| {
+                if !slot.own {
+                    values.push((slot.address, read_slot(slot.address)));
+                }
+            })
+        };
+        values
+    }
+
+    /// Runs `f` on each slot of the last walk whose object is still loaded, while the loader
+    /// holds it so (inside `dl_iterate_phdr`, whose lock `dlclose` takes to unmap an object).
+    ///
+    /// # Safety
+    /// `f` only reads and writes the slots it is given.
+    unsafe fn for_each_loaded(&self, mut f: impl FnMut(&Slot)) {
+        // SAFETY: as the caller promised.
+        unsafe {
+            self.for_each_object(|slots| {
+                for slot in slots {
+                    f(slot)
+                }
+            })
+        }
+    }
+
+    /// Runs `f` on the slots of the last walk of each loaded object (by its mapped range),
+    /// inside `dl_iterate_phdr`.
+    ///
+    /// # Safety
+    /// As [`Patches::for_each_loaded`].
+    unsafe fn for_each_object(&self, mut f: impl FnMut(&[Slot])) {
+        struct Visit<'a> {
+            slots: &'a [Slot],
+            f: &'a mut dyn FnMut(&[Slot]),
+        }
+        unsafe extern "C" fn visit(
+            info: *mut libc::dl_phdr_info,
+            _size: usize,
+            data: *mut c_void,
+        ) -> c_int {
+            // SAFETY: the loader passes a valid info of a loaded object, and `data` is the
+            // visit below.
+            let (info, visit) = unsafe { (&*info, &mut *data.cast::<Visit>()) };
+            // SAFETY: as above.
+            let Some(range) = (unsafe { mapped_range(info) }) else {
+                return 0;
+            };
+            let from = visit.slots.partition_point(|slot| slot.address < range.0);
+            let to = visit.slots.partition_point(|slot| slot.address < range.1);
+            // The same object as walked, not another one mapped at its place since.
+            let same = visit.slots[from..to]
+                .iter()
+                .all(|slot| slot.object == range);
+            if from < to && same {
+                (visit.f)(&visit.slots[from..to]);
+            }
+            0
+        }
+        let mut state = Visit {
+            slots: &self.slots,
+            f: &mut f,
+        };
+        // SAFETY: the callback reads the objects the loader lists, while it holds them loaded.
+        unsafe { libc::dl_iterate_phdr(Some(visit), (&mut state as *mut Visit).cast()) };
     }
 }
 
@@ -277,16 +364,6 @@ unsafe fn walk(functions: &[Interposed], own: usize) -> Vec<Slot> {
     unsafe { libc::dl_iterate_phdr(Some(visit), (&mut walk as *mut Walk).cast()) };
     walk.slots.sort_by_key(|slot| slot.address);
     walk.slots.dedup_by_key(|slot| slot.address);
-    // Which RELRO slots' pages are read-only now: read once per walk, from the kernel's map.
-    if walk.slots.iter().any(|slot| slot.read_only) {
-        let writable = std::fs::read_to_string("/proc/self/maps")
-            .map(|maps| writable_ranges(&maps))
-            .unwrap_or_default();
-        let page_size = super::page_size() as usize;
-        for slot in walk.slots.iter_mut().filter(|slot| slot.read_only) {
-            slot.read_only = !is_writable(&writable, slot.address & !(page_size - 1));
-        }
-    }
     walk.slots
 }
 
@@ -319,16 +396,17 @@ unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
     if skipped(name) {
         return;
     }
-    // SAFETY: the loader gives the program headers' address and count.
-    let headers = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum.into()) };
-    let (mut start, mut end) = (usize::MAX, 0);
+    // SAFETY: the caller's promise.
+    let Some((start, end)) = (unsafe { mapped_range(info) }) else {
+        return;
+    };
     let mut dynamic = None;
     let mut relro = (0, 0);
-    for header in headers {
+    // SAFETY: the loader gives the program headers' address and count.
+    for header in unsafe { headers(info) } {
         let from = base + header.p_vaddr as usize;
         let to = from + header.p_memsz as usize;
         match header.p_type {
-            libc::PT_LOAD => (start, end) = (start.min(from), end.max(to)),
             libc::PT_DYNAMIC => dynamic = Some(from),
             libc::PT_GNU_RELRO => relro = (from, to),
             _ => {}
@@ -355,16 +433,14 @@ unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
                 continue;
             }
             let symbol = relocation.r_sym(NE, false) as usize;
-            // SAFETY: the relocation's symbol is an entry of the object's symbol table, and its
-            // name an offset into the string table.
-            let symbol_name = unsafe {
-                let symbol = &*(tables.symbols as *const elf::Sym64<NE>).add(symbol);
-                let offset = symbol.st_name.get(NE) as usize;
-                if offset >= tables.strings_size {
-                    continue;
-                }
-                CStr::from_ptr((tables.strings + offset) as *const _)
-            };
+            // SAFETY: the relocation's symbol is an entry of the object's symbol table.
+            let symbol = unsafe { &*(tables.symbols as *const elf::Sym64<NE>).add(symbol) };
+            let offset = symbol.st_name.get(NE) as usize;
+            if offset >= tables.strings_size {
+                continue;
+            }
+            // SAFETY: its name is an offset into the string table, checked above.
+            let symbol_name = unsafe { CStr::from_ptr((tables.strings + offset) as *const _) };
             let Some(function) = walk
                 .functions
                 .iter()
@@ -373,15 +449,59 @@ unsafe fn visit_object(info: &libc::dl_phdr_info, walk: &mut Walk) {
                 continue;
             };
             let address = base + relocation.r_offset.get(NE) as usize;
+            let undefined = symbol.st_shndx.get(NE) == elf::SHN_UNDEF;
             walk.slots.push(Slot {
                 address,
                 function,
                 object: (start, end),
-                read_only: (relro.0..relro.1).contains(&address),
+                relro: (relro.0..relro.1).contains(&address),
+                lazy: undefined && is_plt_slot(relocation.r_type(NE, false)),
                 own,
             });
         }
     }
+}
+
+/// Whether a relocation type is a PLT slot's, which the loader may bind lazily.
+fn is_plt_slot(kind: u32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return kind == elf::R_X86_64_JUMP_SLOT;
+    #[cfg(target_arch = "aarch64")]
+    return kind == elf::R_AARCH64_JUMP_SLOT;
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    return {
+        let _ = kind;
+        false
+    };
+}
+
+/// A loaded object's program headers.
+///
+/// # Safety
+/// `info` describes a loaded object, which stays loaded while the headers are used.
+unsafe fn headers(info: &libc::dl_phdr_info) -> &[libc::Elf64_Phdr] {
+    if info.dlpi_phdr.is_null() {
+        return &[];
+    }
+    // SAFETY: the loader gives the program headers' address and count.
+    unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum.into()) }
+}
+
+/// The bounds of a loaded object's mapped segments (its `PT_LOAD`s).
+///
+/// # Safety
+/// As [`headers`].
+unsafe fn mapped_range(info: &libc::dl_phdr_info) -> Option<(usize, usize)> {
+    let base = info.dlpi_addr as usize;
+    let (mut start, mut end) = (usize::MAX, 0);
+    // SAFETY: the caller's promise.
+    for header in unsafe { headers(info) } {
+        if header.p_type == libc::PT_LOAD {
+            let from = base + header.p_vaddr as usize;
+            (start, end) = (start.min(from), end.max(from + header.p_memsz as usize));
+        }
+    }
+    (start < end).then_some((start, end))
 }
 
 /// Whether a relocation type fills a GOT slot with a function's address: a PLT slot
@@ -463,35 +583,85 @@ unsafe fn read_slot(address: usize) -> usize {
     unsafe { (*(address as *const AtomicUsize)).load(Relaxed) }
 }
 
-/// Writes each value into its slot (`writes` sorted by slot): a read-only page (RELRO) is made
-/// writable for its slots' writes and read-only again; pages already writable stay as they are.
+/// Writes each value into its slot (`writes` sorted by slot). A slot in the RELRO range has its
+/// page's protection looked at as it is written: a write that the kernel refuses
+/// (`process_vm_writev` into our own memory fails on a read-only page, where a store would
+/// fault) is made with the page writable, and the page read-only again; a page already
+/// writable (an object the loader has not finished relocating) stays as it is.
 ///
 /// # Safety
-/// Each slot is an aligned word of a loaded object's GOT, and its value a function of the
-/// signature the slot's callers expect.
+/// Each slot is an aligned word of a loaded object's GOT, which stays loaded during the call,
+/// and its value a function of the signature the slot's callers expect.
 unsafe fn write_slots(writes: &[(Slot, usize)]) {
     let page_size = super::page_size() as usize;
     let page_of = |slot: &Slot| slot.address & !(page_size - 1);
+    let mut maps = None;
     for same_page in writes.chunk_by(|(a, _), (b, _)| page_of(a) == page_of(b)) {
-        let page = page_of(&same_page[0].0) as *mut c_void;
-        let read_only = same_page[0].0.read_only;
+        let (first, value) = same_page[0];
+        let page = page_of(&first);
+        let mut rest = same_page;
+        let read_only = if first.relro {
+            match write_checked(first.address, value) {
+                Ok(()) => {
+                    rest = &same_page[1..];
+                    false
+                }
+                Err(libc::EFAULT) => true,
+                // The call is not allowed here (seccomp): the kernel's map says.
+                Err(_) => {
+                    let writable = maps.get_or_insert_with(|| {
+                        std::fs::read_to_string("/proc/self/maps")
+                            .map(|text| writable_ranges(&text))
+                            .unwrap_or_default()
+                    });
+                    !is_writable(writable, page)
+                }
+            }
+        } else {
+            false
+        };
         if read_only {
             // SAFETY: the page is mapped (it holds the slots); only its protection changes.
-            let made =
-                unsafe { libc::mprotect(page, page_size, libc::PROT_READ | libc::PROT_WRITE) };
+            let made = unsafe {
+                libc::mprotect(
+                    page as *mut c_void,
+                    page_size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
             if made != 0 {
                 continue; // Left as they were: that object's calls stay untraced.
             }
         }
-        for (slot, value) in same_page {
+        for (slot, value) in rest {
             // SAFETY: the caller's promise; the page is writable now.
-            unsafe { (*(slot.address as *const AtomicUsize)).store(*value, Relaxed) };
+            unsafe { (*(slot.address as *const AtomicUsize)).store(*value, Release) };
         }
         if read_only {
-            // SAFETY: as above; back to the RELRO protection.
-            unsafe { libc::mprotect(page, page_size, libc::PROT_READ) };
+            // SAFETY: as above; back to the RELRO protection it had.
+            unsafe { libc::mprotect(page as *mut c_void, page_size, libc::PROT_READ) };
         }
     }
+}
+
+/// Writes `value` at `address` through the kernel, which refuses (EFAULT) where the page is not
+/// writable instead of faulting; another errno where the call itself is not allowed.
+fn write_checked(address: usize, value: usize) -> Result<(), c_int> {
+    let local = libc::iovec {
+        iov_base: &value as *const usize as *mut c_void,
+        iov_len: std::mem::size_of::<usize>(),
+    };
+    let remote = libc::iovec {
+        iov_base: address as *mut c_void,
+        iov_len: std::mem::size_of::<usize>(),
+    };
+    // SAFETY: both vectors describe one word; the kernel checks the remote one.
+    let written = unsafe { libc::process_vm_writev(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if written == std::mem::size_of::<usize>() as isize {
+        return Ok(());
+    }
+    // SAFETY: errno's location is this thread's.
+    Err(unsafe { *libc::__errno_location() })
 }
 
 /// The writable mappings in `/proc/self/maps` text, sorted, as (start, end).

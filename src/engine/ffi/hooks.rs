@@ -117,32 +117,11 @@ fn record_alloc_slowly(
         .on_alloc_as(address as usize, size, site, membership);
 }
 
-/// Runs `record` with `errno` kept as the real allocator left it, when `keep` says so (the
-/// malloc family's hooks: C callers may read it; CPython's and NumPy's allocators do not set it).
-#[inline(always)]
-fn keeping_errno(keep: bool, record: impl FnOnce()) {
-    #[cfg(native_hooks)]
-    if keep {
-        // SAFETY: errno's location is this thread's, valid for its life.
-        let location = unsafe { libc::__errno_location() };
-        // SAFETY: as above.
-        let saved = unsafe { *location };
-        record();
-        // SAFETY: as above.
-        unsafe { *location = saved };
-        return;
-    }
-    let _ = keep;
-    record()
-}
-
 /// `gil_domain`: the hook is the mem or object domain's, always called with the GIL.
-/// `keep_errno`: see [`keeping_errno`].
 #[inline(always)]
 pub(super) fn traced_alloc(
     size: usize,
     gil_domain: bool,
-    keep_errno: bool,
     allocate: impl Fn() -> *mut c_void,
 ) -> *mut c_void {
     RUNTIME.enter(
@@ -150,7 +129,7 @@ pub(super) fn traced_alloc(
         |mut caller| {
             let address = allocate();
             if !address.is_null() {
-                keeping_errno(keep_errno, || caller.record_alloc(address, size));
+                caller.record_alloc(address, size);
             }
             address
         },
@@ -163,7 +142,6 @@ pub(super) fn traced_realloc(
     old: *mut c_void,
     new_size: usize,
     gil_domain: bool,
-    keep_errno: bool,
     reallocate: impl Fn() -> *mut c_void,
 ) -> *mut c_void {
     RUNTIME.enter(
@@ -185,7 +163,7 @@ pub(super) fn traced_realloc(
             };
             let address = reallocate();
             if !address.is_null() {
-                keeping_errno(keep_errno, || caller.record_alloc(address, new_size));
+                caller.record_alloc(address, new_size);
             } else if let (Some(block), true, Caller::GilHolder(claim)) =
                 (old_block, new_size > 0, &mut caller)
             {

@@ -6,8 +6,8 @@
 //! one busy flag covers every layer: a block that `PyMem_RawMalloc` or NumPy's handler asks
 //! `malloc` for is counted once, by the outer hook, and the engine's own allocations (from
 //! memgauge's library, never patched) are not seen at all. A thread without the GIL queues its
-//! events, as the raw domain's do. `errno` is kept as the real function left it: the
-//! bookkeeping after a successful call puts it back.
+//! events, as the raw domain's do. `errno` is what the caller would see without the hooks: its
+//! own value into the real call, the real function's out of the hook (see `Errno`).
 //!
 //! Objects loaded later: `dlopen` is interposed by a two-instruction trampoline that notes the
 //! load and jumps to the real `dlopen`, so the loader still sees the caller's return address
@@ -16,6 +16,7 @@
 //! cffi) returns the hook; `dlsym(RTLD_NEXT, …)` and `dlsym(RTLD_DEFAULT, …)` jump straight to
 //! the real one, whose answer depends on who called it.
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -119,17 +120,59 @@ macro_rules! real_fn {
     };
 }
 
+/// `errno` as a hook's caller sees it: what it was when the hook was called, until the real
+/// function runs, and what the real function left in it after (the engine's bookkeeping around
+/// the call makes system calls now and then). Put back when dropped.
+struct Errno {
+    location: *mut c_int,
+    value: Cell<c_int>,
+}
+
+impl Errno {
+    #[inline(always)]
+    fn save() -> Errno {
+        // SAFETY: errno's location is this thread's, valid for its life.
+        let location = unsafe { libc::__errno_location() };
+        Errno {
+            location,
+            // SAFETY: as above.
+            value: Cell::new(unsafe { *location }),
+        }
+    }
+
+    /// Around the real call: the caller's errno in, the function's out.
+    #[inline(always)]
+    fn around<R>(&self, call: impl FnOnce() -> R) -> R {
+        // SAFETY: as in `save`.
+        unsafe { *self.location = self.value.get() };
+        let result = call();
+        // SAFETY: as in `save`.
+        self.value.set(unsafe { *self.location });
+        result
+    }
+}
+
+impl Drop for Errno {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // SAFETY: as in `save`.
+        unsafe { *self.location = self.value.get() };
+    }
+}
+
 extern "C" fn hook_malloc(size: usize) -> *mut c_void {
     let malloc = real_fn!(MALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
+    let errno = Errno::save();
     // SAFETY: the real malloc, with the caller's argument.
-    traced_alloc(size, false, true, || unsafe { malloc(size) })
+    traced_alloc(size, false, || errno.around(|| unsafe { malloc(size) }))
 }
 
 extern "C" fn hook_calloc(count: usize, size: usize) -> *mut c_void {
     let calloc = real_fn!(CALLOC, unsafe extern "C" fn(usize, usize) -> *mut c_void);
-    // SAFETY: the real calloc, with the caller's arguments.
-    traced_alloc(count.saturating_mul(size), false, true, || unsafe {
-        calloc(count, size)
+    let errno = Errno::save();
+    traced_alloc(count.saturating_mul(size), false, || {
+        // SAFETY: the real calloc, with the caller's arguments.
+        errno.around(|| unsafe { calloc(count, size) })
     })
 }
 
@@ -138,8 +181,11 @@ extern "C" fn hook_realloc(old: *mut c_void, size: usize) -> *mut c_void {
         REALLOC,
         unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void
     );
+    let errno = Errno::save();
     // SAFETY: the real realloc, with the caller's arguments.
-    traced_realloc(old, size, false, true, || unsafe { realloc(old, size) })
+    traced_realloc(old, size, false, || {
+        errno.around(|| unsafe { realloc(old, size) })
+    })
 }
 
 extern "C" fn hook_reallocarray(old: *mut c_void, count: usize, size: usize) -> *mut c_void {
@@ -147,10 +193,11 @@ extern "C" fn hook_reallocarray(old: *mut c_void, count: usize, size: usize) -> 
         REALLOCARRAY,
         unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void
     );
+    let errno = Errno::save();
     // An overflowing size fails in the real function, and the old block stays.
-    // SAFETY: the real reallocarray, with the caller's arguments.
-    traced_realloc(old, count.saturating_mul(size), false, true, || unsafe {
-        reallocarray(old, count, size)
+    traced_realloc(old, count.saturating_mul(size), false, || {
+        // SAFETY: the real reallocarray, with the caller's arguments.
+        errno.around(|| unsafe { reallocarray(old, count, size) })
     })
 }
 
@@ -159,10 +206,11 @@ extern "C" fn hook_posix_memalign(out: *mut *mut c_void, alignment: usize, size:
         POSIX_MEMALIGN,
         unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int
     );
-    let status = std::cell::Cell::new(0);
-    traced_alloc(size, false, true, || {
+    let errno = Errno::save();
+    let status = Cell::new(0);
+    traced_alloc(size, false, || {
         // SAFETY: the real posix_memalign, with the caller's arguments.
-        let result = unsafe { posix_memalign(out, alignment, size) };
+        let result = errno.around(|| unsafe { posix_memalign(out, alignment, size) });
         status.set(result);
         if result == 0 {
             // SAFETY: on success the real function wrote the block to the caller's `out`.
@@ -178,8 +226,11 @@ macro_rules! aligned_hook {
     ($name:ident, $function:expr) => {
         extern "C" fn $name(alignment: usize, size: usize) -> *mut c_void {
             let allocate = real_fn!($function, unsafe extern "C" fn(usize, usize) -> *mut c_void);
-            // SAFETY: the real function, with the caller's arguments.
-            traced_alloc(size, false, true, || unsafe { allocate(alignment, size) })
+            let errno = Errno::save();
+            traced_alloc(size, false, || {
+                // SAFETY: the real function, with the caller's arguments.
+                errno.around(|| unsafe { allocate(alignment, size) })
+            })
         }
     };
 }
@@ -189,8 +240,9 @@ aligned_hook!(hook_memalign, MEMALIGN);
 
 extern "C" fn hook_valloc(size: usize) -> *mut c_void {
     let valloc = real_fn!(VALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
+    let errno = Errno::save();
     // SAFETY: the real valloc, with the caller's argument.
-    traced_alloc(size, false, true, || unsafe { valloc(size) })
+    traced_alloc(size, false, || errno.around(|| unsafe { valloc(size) }))
 }
 
 extern "C" fn hook_pvalloc(size: usize) -> *mut c_void {
@@ -198,20 +250,26 @@ extern "C" fn hook_pvalloc(size: usize) -> *mut c_void {
     // pvalloc rounds the size up to whole pages, which the caller may use.
     let page = super::page_size() as usize;
     let rounded = size.max(1).div_ceil(page).saturating_mul(page);
+    let errno = Errno::save();
     // SAFETY: the real pvalloc, with the caller's argument.
-    traced_alloc(rounded, false, true, || unsafe { pvalloc(size) })
+    traced_alloc(rounded, false, || errno.around(|| unsafe { pvalloc(size) }))
 }
 
 extern "C" fn hook_free(address: *mut c_void) {
     let free = real_fn!(FREE, unsafe extern "C" fn(*mut c_void));
+    // POSIX: free leaves errno alone, and so does the bookkeeping around it.
+    let errno = Errno::save();
     // SAFETY: the real free, with the caller's block.
-    traced_free(address, false, || unsafe { free(address) })
+    traced_free(address, false, || errno.around(|| unsafe { free(address) }))
 }
 
 extern "C" fn hook_free_sized(address: *mut c_void, size: usize) {
     let free_sized = real_fn!(FREE_SIZED, unsafe extern "C" fn(*mut c_void, usize));
+    let errno = Errno::save();
     // SAFETY: the real free_sized, with the caller's arguments.
-    traced_free(address, false, || unsafe { free_sized(address, size) })
+    traced_free(address, false, || {
+        errno.around(|| unsafe { free_sized(address, size) })
+    })
 }
 
 extern "C" fn hook_free_aligned_sized(address: *mut c_void, alignment: usize, size: usize) {
@@ -219,9 +277,10 @@ extern "C" fn hook_free_aligned_sized(address: *mut c_void, alignment: usize, si
         FREE_ALIGNED_SIZED,
         unsafe extern "C" fn(*mut c_void, usize, usize)
     );
+    let errno = Errno::save();
     // SAFETY: the real free_aligned_sized, with the caller's arguments.
-    traced_free(address, false, || unsafe {
-        free_aligned_sized(address, alignment, size)
+    traced_free(address, false, || {
+        errno.around(|| unsafe { free_aligned_sized(address, alignment, size) })
     })
 }
 
@@ -242,7 +301,10 @@ extern "C" fn dlsym_mapped(handle: *mut c_void, name: *const c_char) -> *mut c_v
     let canonical = &RUNTIME.native.canonical;
     (0..ALLOCATORS)
         .find(|&function| {
-            real(function) == found as usize || canonical[function].load(Relaxed) == found as usize
+            // A hook whose definition is not known yet would have nothing to call.
+            real(function) != 0
+                && (real(function) == found as usize
+                    || canonical[function].load(Relaxed) == found as usize)
         })
         .map_or(found, |function| hooks[function] as *mut c_void)
 }
@@ -321,6 +383,7 @@ impl NativePatch {
             canonical: self.canonical[function].load(Relaxed),
             definition: self.real[function].load(Relaxed),
             hook: hooks[function],
+            loader_calls_it: function < ALLOCATORS,
         })
     }
 
@@ -354,6 +417,8 @@ impl NativePatch {
                 entry.definition = known;
             }
         }
+        self.dlopens_seen.store(dlopens, Relaxed);
+        self.looks.store(0, Relaxed);
         // The hooks need these; the rest are patched where they exist.
         let needed = [MALLOC, FREE, CALLOC, REALLOC, DLOPEN, DLSYM];
         if needed
@@ -365,8 +430,6 @@ impl NativePatch {
         // SAFETY: each hook has its function's signature, and the definitions were found by
         // the walk the slots come from.
         let written = unsafe { patches.patch(&table) };
-        self.dlopens_seen.store(dlopens, Relaxed);
-        self.looks.store(0, Relaxed);
         self.installed.store(true, Relaxed);
         Some(written)
     }
@@ -399,6 +462,12 @@ impl NativePatch {
         false
     }
 
+    /// Whether a `dlopen` ran since the hooks last looked for new objects.
+    pub(super) fn dlopen_outstanding(&self) -> bool {
+        self.installed.load(Relaxed)
+            && self.dlopens.load(Relaxed) != self.dlopens_seen.load(Relaxed)
+    }
+
     /// Writes every patched slot back as it was.
     pub(super) fn uninstall(&self) {
         if !self.installed.swap(false, Relaxed) {
@@ -408,7 +477,7 @@ impl NativePatch {
         let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(patches) = patches.as_mut() {
             // SAFETY: as in `install`.
-            unsafe { patches.restore(&table, hook_malloc as *const () as usize) };
+            unsafe { patches.restore(&table) };
         }
     }
 

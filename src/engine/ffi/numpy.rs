@@ -60,19 +60,19 @@ fn numpy_original<F: Copy>(slot: usize) -> F {
 
 extern "C" fn numpy_malloc(ctx: *mut c_void, size: usize) -> *mut c_void {
     let malloc: MallocFn = numpy_original(0);
-    traced_alloc(size, false, false, || malloc(ctx, size))
+    traced_alloc(size, false, || malloc(ctx, size))
 }
 
 extern "C" fn numpy_calloc(ctx: *mut c_void, count: usize, size: usize) -> *mut c_void {
     let calloc: CallocFn = numpy_original(1);
-    traced_alloc(count.saturating_mul(size), false, false, || {
+    traced_alloc(count.saturating_mul(size), false, || {
         calloc(ctx, count, size)
     })
 }
 
 extern "C" fn numpy_realloc(ctx: *mut c_void, old: *mut c_void, new_size: usize) -> *mut c_void {
     let realloc: ReallocFn = numpy_original(2);
-    traced_realloc(old, new_size, false, false, || realloc(ctx, old, new_size))
+    traced_realloc(old, new_size, false, || realloc(ctx, old, new_size))
 }
 
 extern "C" fn numpy_free(ctx: *mut c_void, address: *mut c_void, size: usize) {

@@ -3,7 +3,8 @@
 //!
 //! What the runtime holds: the engine (the tracker and the site table), the hooks' flags, how
 //! sites are found, the GIL holder's cached membership, the queue of events from threads without
-//! the GIL, the allocators the hooks wrap (CPython's domains and NumPy's handler), and the main
+//! the GIL, the allocators the hooks wrap (CPython's domains and NumPy's handler), the malloc
+//! family's hooks and the slots they are written into (native tracing), and the main
 //! interpreter. Its policies live here too: who holds the engine's GIL, when the hooks go in and
 //! come out, and what a fork does.
 //!
@@ -490,16 +491,19 @@ impl Runtime {
 
     // ----- fork -----
 
-    /// Before a fork: the forking thread takes the queue's lock, so that no one is inside the
-    /// queue when the process is copied.
-    fn prepare_fork(&self) {
-        std::mem::forget(self.pending.lock());
-    }
-
-    /// After a fork, in the parent and in the child: the lock goes. The child's queue is
-    /// whole, and its events, about memory the child has a copy of, still hold.
-    fn after_fork(&self) {
-        self.pending.locked.store(false, Release);
+    /// In a forked child: had another thread of the parent been inside the queue as the process
+    /// was copied, the child's queue is locked for good and may be half-written. Then it starts
+    /// empty (the old one leaked, never touched): the events were the parent's threads', which
+    /// the child does not have. Otherwise the queue is whole and its events still hold.
+    ///
+    /// Nothing happens before the fork: a lock held across it would be waited on by the other
+    /// libraries' fork handlers (OpenBLAS joins its threads there, which free memory).
+    fn after_fork_in_child(&self) {
+        if self.pending.locked.load(Relaxed) {
+            // SAFETY: the child has one thread, this one, and no one else can reach the queue.
+            unsafe { std::ptr::write(self.pending.value.get(), Vec::new()) };
+            self.pending.locked.store(false, Release);
+        }
     }
 }
 
@@ -509,19 +513,16 @@ const INTERP_FIELD: usize = 2;
 
 /// A fork copies the process with only the forking thread: had another thread held the
 /// queue's lock at that moment (mid-push, the queue half-written), the child would spin on it
-/// forever at its next use of the engine. See [`Runtime::prepare_fork`].
+/// forever at its next use of the engine. See [`Runtime::after_fork_in_child`].
 #[cfg(unix)]
 fn handle_forks() {
-    extern "C" fn prepare() {
-        RUNTIME.prepare_fork();
-    }
-    extern "C" fn after() {
-        RUNTIME.after_fork();
+    extern "C" fn in_child() {
+        RUNTIME.after_fork_in_child();
     }
     static REGISTERED: std::sync::Once = std::sync::Once::new();
     REGISTERED.call_once(|| {
-        // SAFETY: the handlers touch only the lock, an atomic, and take no other lock.
-        let status = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(after)) };
+        // SAFETY: the handler touches only the queue, in a child with one thread.
+        let status = unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
         debug_assert_eq!(status, 0, "pthread_atfork");
     });
 }
@@ -606,6 +607,11 @@ fn apply_pending(engine: &mut Option<Engine>) {
         let mut queue = RUNTIME.pending.lock();
         RUNTIME.has_pending.store(look_again, Relaxed);
         std::mem::swap(&mut *queue, &mut events);
+    }
+    // A `dlopen` that started since `refresh` looked: its flag was just cleared.
+    #[cfg(native_hooks)]
+    if !look_again && RUNTIME.native.dlopen_outstanding() {
+        RUNTIME.has_pending.store(true, Relaxed);
     }
     for event in events.drain(..) {
         match event {
