@@ -182,8 +182,8 @@ extern "C" fn hook_realloc(old: *mut c_void, size: usize) -> *mut c_void {
         unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void
     );
     let errno = Errno::save();
-    // SAFETY: the real realloc, with the caller's arguments.
     traced_realloc(old, size, false, || {
+        // SAFETY: the real realloc, with the caller's arguments.
         errno.around(|| unsafe { realloc(old, size) })
     })
 }
@@ -266,8 +266,8 @@ extern "C" fn hook_free(address: *mut c_void) {
 extern "C" fn hook_free_sized(address: *mut c_void, size: usize) {
     let free_sized = real_fn!(FREE_SIZED, unsafe extern "C" fn(*mut c_void, usize));
     let errno = Errno::save();
-    // SAFETY: the real free_sized, with the caller's arguments.
     traced_free(address, false, || {
+        // SAFETY: the real free_sized, with the caller's arguments.
         errno.around(|| unsafe { free_sized(address, size) })
     })
 }
@@ -278,8 +278,8 @@ extern "C" fn hook_free_aligned_sized(address: *mut c_void, alignment: usize, si
         unsafe extern "C" fn(*mut c_void, usize, usize)
     );
     let errno = Errno::save();
-    // SAFETY: the real free_aligned_sized, with the caller's arguments.
     traced_free(address, false, || {
+        // SAFETY: the real free_aligned_sized, with the caller's arguments.
         errno.around(|| unsafe { free_aligned_sized(address, alignment, size) })
     })
 }
