@@ -725,6 +725,54 @@ garbage line
     }
 
     #[test]
+    fn a_read_only_page_is_refused_and_a_writable_word_is_written() {
+        let mut word = 0usize;
+        assert_eq!(write_checked(&mut word as *mut usize as usize, 7), Ok(()));
+        // SAFETY: reads a local the kernel wrote behind the compiler's back.
+        assert_eq!(unsafe { std::ptr::read_volatile(&word) }, 7);
+        // SAFETY: a fresh anonymous read-only page, unmapped below.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        assert_eq!(write_checked(page as usize, 7), Err(libc::EFAULT));
+        // SAFETY: the page mapped above.
+        unsafe { libc::munmap(page, 4096) };
+    }
+
+    #[test]
+    fn the_walk_finds_the_slots_of_malloc_in_order() {
+        // SAFETY: a lookup in the global scope, by a NUL-terminated name.
+        let canonical = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr()) } as usize;
+        let table = [Interposed {
+            name: c"malloc",
+            canonical,
+            definition: 0,
+            hook: 0,
+            loader_calls_it: true,
+        }];
+        // SAFETY: one walk at a time (this test's).
+        let slots = unsafe { walk(&table, 0) };
+        // libc calls its own malloc through a slot (so that an interposed one is used), and this
+        // test binary allocates.
+        assert!(!slots.is_empty());
+        assert!(slots.windows(2).all(|pair| pair[0].address < pair[1].address));
+        let mut patches = Patches::default();
+        patches.slots = slots;
+        let mut found = table;
+        patches.find_definitions(&mut found);
+        assert_ne!(found[0].definition, 0);
+        assert_eq!(patches.slot_values().len(), patches.slots.len());
+    }
+
+    #[test]
     fn counters_count_loaded_objects() {
         let (adds, subs) = loader_counters();
         assert!(adds >= 1 && subs <= adds, "{adds} {subs}");
