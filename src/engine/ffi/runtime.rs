@@ -55,23 +55,23 @@ pub(crate) struct Engine {
     spare_events: Vec<Pending>,
 }
 
+/// `mask` with the scope `slot`'s bit set or cleared.
+fn with_scope(mask: ScopeMask, slot: usize, set: bool) -> ScopeMask {
+    let bit: ScopeMask = 1 << slot;
+    if set {
+        mask | bit
+    } else {
+        mask & !bit
+    }
+}
+
 impl Engine {
     pub(crate) fn set_siteless(&mut self, slot: usize, siteless: bool) {
-        let bit = 1 << slot;
-        self.siteless = if siteless {
-            self.siteless | bit
-        } else {
-            self.siteless & !bit
-        };
+        self.siteless = with_scope(self.siteless, slot, siteless);
     }
 
     pub(crate) fn set_native(&mut self, slot: usize, native: bool) {
-        let bit = 1 << slot;
-        self.native = if native {
-            self.native | bit
-        } else {
-            self.native & !bit
-        };
+        self.native = with_scope(self.native, slot, native);
     }
 
     fn wants_native(&self) -> bool {
