@@ -411,8 +411,9 @@ def test_memprof_native_counts_c_allocations_and_says_so(pytester: pytest.Pytest
 
     pytester.makepyfile(test_c=NATIVE_SUITE)
     # The module looks malloc up at import, before any test's scope: ctypes gets the hook
-    # because the plugin keeps the native hooks in for the whole session.
-    result = pytester.runpytest("--memprof", "--memprof-native")
+    # because the plugin keeps the native hooks in for the whole session, with ctypes loaded
+    # first. A process of its own, where ctypes is not loaded yet.
+    result = pytester.runpytest_subprocess("--memprof", "--memprof-native")
     result.assert_outcomes(passed=1, failed=1)
     data = json.loads((pytester.path / ".memgauge/results.json").read_text())
     assert data["environment"]["key"].endswith("+native")
@@ -420,6 +421,14 @@ def test_memprof_native_counts_c_allocations_and_says_so(pytester: pytest.Pytest
     twenty = data["tests"]["test_c.py::test_twenty_mib_from_c"]
     assert within(twenty["peak_bytes"], 20 * MiB), twenty["peak_bytes"]
     result.stdout.fnmatch_lines(["*traced (exact: what Python, NumPy and native code (malloc)*"])
+
+    # Under xdist: each worker holds the hooks for its session; the figures are the same.
+    result = pytester.runpytest("--memprof", "--memprof-native", "-n", "2")
+    result.assert_outcomes(passed=1, failed=1)
+    data = json.loads((pytester.path / ".memgauge/results.json").read_text())
+    assert data["environment"]["key"].endswith("+native")
+    twenty = data["tests"]["test_c.py::test_twenty_mib_from_c"]
+    assert within(twenty["peak_bytes"], 20 * MiB), twenty["peak_bytes"]
 
     # Off (the default, or --no-memprof-native): C's blocks are not in the traced figures.
     result = pytester.runpytest("--memprof", "--memprof-native", "--no-memprof-native")

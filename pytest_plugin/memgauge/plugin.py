@@ -295,7 +295,7 @@ class MemgaugePlugin:
         self.is_worker = hasattr(config, "workerinput")
         # Native tracing keeps its hooks in for the session: each test's scope finds them in
         # (no patching per test), and ctypes functions looked up at import are the hooks.
-        self.native_held = settings.native and _native.hold_native(True)
+        self.native_held = settings.native and hold_native_hooks()
         self.arrow_pool = use_arrow_system_pool() if settings.native else None
         self.results: dict[str, dict[str, Any]] = {}
         self.benchmarks: dict[str, dict[str, Any]] = {}
@@ -590,6 +590,20 @@ class MemgaugePlugin:
             "the process's resident memory (includes native libraries)."
         )
         write(f"results: {self.settings.output}")
+
+
+def hold_native_hooks() -> bool:
+    """Keeps the native hooks in for the session. ctypes (and cffi, where installed) are
+    imported first, so that their ``dlsym`` calls go through the hooks from the start: a module
+    that looks ``malloc`` up as it is imported, during collection, gets the hook. (An object
+    loaded while no scope is open gets the hooks when the next test's scope opens.)"""
+    import ctypes  # noqa: F401
+
+    try:
+        import _cffi_backend  # noqa: F401
+    except ImportError:
+        pass
+    return _native.hold_native(True)
 
 
 def use_arrow_system_pool() -> str | None:
