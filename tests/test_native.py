@@ -75,10 +75,12 @@ void *lookup_default(void) { return dlsym(RTLD_DEFAULT, "malloc"); }
 void *lookup_next(void) { return dlsym(RTLD_NEXT, "malloc"); }
 void *lookup_in(void *handle) { return dlsym(handle, "malloc"); }
 
+/* Volatile: a compiler may drop a malloc whose block is never used, and fold its test. */
+static void *volatile sink;
 int failing_malloc_errno(void) {
     errno = 0;
-    void *p = malloc(SIZE_MAX / 2);
-    return p ? -1 : errno;
+    sink = malloc(SIZE_MAX / 2);
+    return sink ? -1 : errno;
 }
 
 /* Threads: each holds `hold` bytes until told to stop, churning small blocks meanwhile. */
