@@ -763,7 +763,9 @@ garbage line
         // libc calls its own malloc through a slot (so that an interposed one is used), and this
         // test binary allocates.
         assert!(!slots.is_empty());
-        assert!(slots.windows(2).all(|pair| pair[0].address < pair[1].address));
+        assert!(slots
+            .windows(2)
+            .all(|pair| pair[0].address < pair[1].address));
         let mut patches = Patches::default();
         patches.slots = slots;
         let mut found = table;
