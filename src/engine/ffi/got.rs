@@ -766,8 +766,10 @@ garbage line
         assert!(slots
             .windows(2)
             .all(|pair| pair[0].address < pair[1].address));
-        let mut patches = Patches::default();
-        patches.slots = slots;
+        let patches = Patches {
+            slots,
+            ..Patches::default()
+        };
         let mut found = table;
         patches.find_definitions(&mut found);
         assert_ne!(found[0].definition, 0);
