@@ -71,6 +71,16 @@ impl Slot {
             && (self.object.0..self.object.1).contains(&function.canonical)
     }
 
+    /// What memgauge writes into the slot: the hook, or, in memgauge's own library, the
+    /// definition.
+    fn ours(&self, function: &Interposed) -> usize {
+        if self.own {
+            function.definition
+        } else {
+            function.hook
+        }
+    }
+
     /// Whether the value is the slot's own lazy binding (its object's PLT, not yet called).
     fn unbound(&self, value: usize) -> bool {
         self.lazy && (self.object.0..self.object.1).contains(&value)
@@ -89,9 +99,10 @@ pub(super) struct Patches {
 }
 
 impl Patches {
-    /// The loader's counters at the last walk.
-    pub(super) fn walked(&self) -> Option<(u64, u64)> {
-        self.walked
+    /// Whether the last walk saw the objects loaded now (the loader added and removed none
+    /// since).
+    pub(super) fn is_current(&self) -> bool {
+        self.walked == Some(loader_counters())
     }
 
     /// Walks the loaded objects if one was loaded or unloaded since the last walk.
@@ -119,8 +130,9 @@ impl Patches {
     /// function whose definition cannot be read (that slot is not bound yet) keeps 0 and is not
     /// patched.
     pub(super) fn find_definitions(&self, functions: &mut [Interposed]) {
-        let mut values = HashMap::new();
-        for (index, function) in functions.iter().enumerate() {
+        // The slot behind each canonical PLT entry, by function.
+        let mut entries = HashMap::new();
+        for (index, function) in functions.iter_mut().enumerate() {
             if function.definition != 0 || function.canonical == 0 {
                 continue;
             }
@@ -131,25 +143,28 @@ impl Patches {
                     && !slot.own
                     && (slot.object.0..slot.object.1).contains(&canonical)
             });
-            values.insert(index, entry_of.copied());
+            match entry_of {
+                None => function.definition = canonical,
+                Some(slot) => {
+                    entries.insert(slot.address, index);
+                }
+            }
         }
-        let mut read = HashMap::new();
+        if entries.is_empty() {
+            return;
+        }
         // SAFETY: reads only, of slots of objects the loader holds loaded meanwhile.
         unsafe {
             self.for_each_loaded(|slot| {
-                read.insert(slot.address, read_slot(slot.address));
+                if let Some(&index) = entries.get(&slot.address) {
+                    let bound = read_slot(slot.address);
+                    // Not bound yet: the function keeps 0 (so does one whose object is gone).
+                    if !slot.unbound(bound) {
+                        functions[index].definition = bound;
+                    }
+                }
             })
         };
-        for (index, entry_of) in values {
-            let function = &mut functions[index];
-            function.definition = match entry_of {
-                None => function.canonical,
-                Some(slot) => match read.get(&slot.address) {
-                    Some(&bound) if !slot.unbound(bound) => bound,
-                    _ => 0, // Its PLT entry, not bound yet (or the object is gone).
-                },
-            };
-        }
     }
 
     /// Writes the hooks into every slot that calls one of `functions` (and the definitions into
@@ -171,11 +186,7 @@ impl Patches {
                     if function.definition == 0 || slot.behind_the_canonical_entry(function) {
                         continue;
                     }
-                    let target = if slot.own {
-                        function.definition
-                    } else {
-                        function.hook
-                    };
+                    let target = slot.ours(function);
                     let value = read_slot(slot.address);
                     if value == target {
                         continue;
@@ -216,30 +227,13 @@ impl Patches {
                     let Some(&original) = originals.get(&slot.address) else {
                         continue;
                     };
-                    let function = &functions[slot.function];
-                    let ours = if slot.own {
-                        function.definition
-                    } else {
-                        function.hook
-                    };
-                    if read_slot(slot.address) == ours {
+                    if read_slot(slot.address) == slot.ours(&functions[slot.function]) {
                         batch.push((*slot, original));
                     }
                 }
                 write_slots(&batch);
             })
         };
-    }
-
-    /// Walks the loaded objects again, writing nothing: for [`Patches::slot_values`].
-    ///
-    /// # Safety
-    /// As [`Patches::patch`].
-    pub(super) unsafe fn walk_only(&mut self, functions: &[Interposed], own: usize) {
-        let counters = loader_counters();
-        // SAFETY: as the caller promised.
-        self.slots = unsafe { walk(functions, own) };
-        self.walked = Some(counters);
     }
 
     /// Every slot of the last walk but memgauge's own, with its value now: for the test that

@@ -21,7 +21,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 
-use super::got::{self, Interposed, Patches};
+use super::got::{Interposed, Patches};
 use super::hooks::{traced_alloc, traced_free, traced_realloc};
 use super::runtime::{HAS_PENDING_OFFSET, NATIVE_OFFSET, RUNTIME};
 
@@ -160,12 +160,20 @@ impl Drop for Errno {
     }
 }
 
-extern "C" fn hook_malloc(size: usize) -> *mut c_void {
-    let malloc = real_fn!(MALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
-    let errno = Errno::save();
-    // SAFETY: the real malloc, with the caller's argument.
-    traced_alloc(size, false, || errno.around(|| unsafe { malloc(size) }))
+/// A hook of a function that takes the size it allocates (`malloc`, `valloc`).
+macro_rules! size_hook {
+    ($name:ident, $function:expr) => {
+        extern "C" fn $name(size: usize) -> *mut c_void {
+            let allocate = real_fn!($function, unsafe extern "C" fn(usize) -> *mut c_void);
+            let errno = Errno::save();
+            // SAFETY: the real function, with the caller's argument.
+            traced_alloc(size, false, || errno.around(|| unsafe { allocate(size) }))
+        }
+    };
 }
+
+size_hook!(hook_malloc, MALLOC);
+size_hook!(hook_valloc, VALLOC);
 
 extern "C" fn hook_calloc(count: usize, size: usize) -> *mut c_void {
     let calloc = real_fn!(CALLOC, unsafe extern "C" fn(usize, usize) -> *mut c_void);
@@ -238,13 +246,6 @@ macro_rules! aligned_hook {
 aligned_hook!(hook_aligned_alloc, ALIGNED_ALLOC);
 aligned_hook!(hook_memalign, MEMALIGN);
 
-extern "C" fn hook_valloc(size: usize) -> *mut c_void {
-    let valloc = real_fn!(VALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
-    let errno = Errno::save();
-    // SAFETY: the real valloc, with the caller's argument.
-    traced_alloc(size, false, || errno.around(|| unsafe { valloc(size) }))
-}
-
 extern "C" fn hook_pvalloc(size: usize) -> *mut c_void {
     let pvalloc = real_fn!(PVALLOC, unsafe extern "C" fn(usize) -> *mut c_void);
     // pvalloc rounds the size up to whole pages, which the caller may use.
@@ -311,8 +312,9 @@ extern "C" fn dlsym_mapped(handle: *mut c_void, name: *const c_char) -> *mut c_v
 
 // The trampolines: `dlopen` notes that objects may have changed and jumps on; `dlsym` sends
 // RTLD_NEXT (-1) and RTLD_DEFAULT (0), whose answers depend on the caller's place and scope, to
-// the real one, and a lookup in a handle (ctypes' and cffi's) to `dlsym_mapped`. r11 is the scratch register
-// the ABI leaves to a call's glue (a PLT stub uses it too). Hidden: not exported by the module.
+// the real one, and a lookup in a handle (ctypes' and cffi's) to `dlsym_mapped`. r11 is the
+// scratch register the ABI leaves to a call's glue (a PLT stub uses it too). Hidden: not
+// exported by the module.
 #[cfg(target_arch = "x86_64")]
 std::arch::global_asm!(
     ".pushsection .text.memgauge_native_trampolines,\"ax\",@progbits",
@@ -353,6 +355,11 @@ extern "C" {
     /// The trampolines above: only their addresses are taken, to write into slots.
     fn memgauge_native_dlopen();
     fn memgauge_native_dlsym();
+}
+
+/// An address in memgauge's own library, by which a walk knows it.
+fn own_address() -> usize {
+    hook_malloc as *const () as usize
 }
 
 /// The hooks, in the order of [`NAMES`].
@@ -406,7 +413,7 @@ impl NativePatch {
         let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
         let patches = patches.get_or_insert_with(Patches::default);
         // SAFETY: the table is the same every time, and the lock makes one patcher at a time.
-        unsafe { patches.walk_if_changed(&table, hook_malloc as *const () as usize) };
+        unsafe { patches.walk_if_changed(&table, own_address()) };
         patches.find_definitions(&mut table);
         for (function, entry) in table.iter_mut().enumerate() {
             // A definition, once found, stays: hooks may be running on it.
@@ -435,37 +442,23 @@ impl NativePatch {
     }
 
     /// After a `dlopen`: patches the objects it added, if the hooks are in. Returns whether a
-    /// later claim should look again (the `dlopen` may still be running).
+    /// later claim should look again (the `dlopen` may still be running, or another started).
     pub(super) fn refresh(&self) -> bool {
         if !self.installed.load(Relaxed)
             || self.dlopens.load(Relaxed) == self.dlopens_seen.load(Relaxed)
         {
             return false;
         }
-        let walked = self
-            .patches
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .and_then(Patches::walked);
-        if walked != Some(got::loader_counters()) {
-            self.install();
-            return false;
-        }
+        let dlopens = self.dlopens.load(Relaxed);
         let looks = self.looks.load(Relaxed) + 1;
-        if looks < LOOKS_AFTER_A_DLOPEN {
+        if self.with_patches(|patches| patches.is_current()) && looks < LOOKS_AFTER_A_DLOPEN {
             self.looks.store(looks, Relaxed);
             return true;
         }
-        // A library that was loaded already: nothing to patch.
+        // Objects were added (or, after all those looks, it was a library loaded already).
         self.install();
-        false
-    }
-
-    /// Whether a `dlopen` ran since the hooks last looked for new objects.
-    pub(super) fn dlopen_outstanding(&self) -> bool {
-        self.installed.load(Relaxed)
-            && self.dlopens.load(Relaxed) != self.dlopens_seen.load(Relaxed)
+        // A `dlopen` that started meanwhile is looked at by the next claim.
+        self.dlopens.load(Relaxed) != dlopens
     }
 
     /// Writes every patched slot back as it was.
@@ -474,11 +467,8 @@ impl NativePatch {
             return;
         }
         let table = self.table();
-        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(patches) = patches.as_mut() {
-            // SAFETY: as in `install`.
-            unsafe { patches.restore(&table) };
-        }
+        // SAFETY: as in `install`.
+        self.with_patches(|patches| unsafe { patches.restore(&table) });
     }
 
     /// Takes (`true`) or gives back a hold; returns whether one is left. Taking one installs
@@ -496,6 +486,12 @@ impl NativePatch {
         before > 1
     }
 
+    /// Runs `f` on the patches (made if there are none yet), under their lock.
+    fn with_patches<R>(&self, f: impl FnOnce(&mut Patches) -> R) -> R {
+        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
+        f(patches.get_or_insert_with(Patches::default))
+    }
+
     /// Whether a hold keeps the hooks in.
     pub(super) fn held(&self) -> bool {
         self.holds.load(Relaxed) > 0
@@ -510,12 +506,12 @@ impl NativePatch {
     /// real function or its own lazy stub (not a hook): for the test that a restore is whole.
     pub(super) fn slots_hold_hooks(&self) -> (usize, usize) {
         let table = self.table();
-        let mut patches = self.patches.lock().unwrap_or_else(|e| e.into_inner());
-        let patches = patches.get_or_insert_with(Patches::default);
-        // SAFETY: as in `install`: a walk to find the slots, nothing written.
-        unsafe { patches.walk_only(&table, hook_malloc as *const () as usize) };
+        let values = self.with_patches(|patches| {
+            // SAFETY: as in `install`: a walk to find the slots, nothing written.
+            unsafe { patches.walk_if_changed(&table, own_address()) };
+            patches.slot_values()
+        });
         let hooks = hooks();
-        let values = patches.slot_values();
         let hooked = values
             .iter()
             .filter(|(_, value)| hooks.contains(value))

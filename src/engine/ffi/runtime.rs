@@ -590,29 +590,24 @@ impl Drop for Claim {
 #[cold]
 #[inline(never)]
 fn apply_pending(engine: &mut Option<Engine>) {
-    // The `dlopen` trampoline sets the flag too: the objects it loaded get the hooks. Set
-    // again below while it may still be loading them.
-    #[cfg(native_hooks)]
-    let look_again = RUNTIME.native.refresh();
-    #[cfg(not(native_hooks))]
-    let look_again = false;
-    let Some(engine) = engine.as_mut() else {
-        let mut queue = RUNTIME.pending.lock();
-        RUNTIME.has_pending.store(look_again, Relaxed);
-        queue.clear();
-        return;
-    };
-    let mut events = std::mem::take(&mut engine.spare_events);
+    let mut events = engine
+        .as_mut()
+        .map(|engine| std::mem::take(&mut engine.spare_events))
+        .unwrap_or_default();
     {
         let mut queue = RUNTIME.pending.lock();
-        RUNTIME.has_pending.store(look_again, Relaxed);
+        RUNTIME.has_pending.store(false, Relaxed);
         std::mem::swap(&mut *queue, &mut events);
     }
-    // A `dlopen` that started since `refresh` looked: its flag was just cleared.
+    // The `dlopen` trampoline sets the flag too: the objects it loaded get the hooks, and the
+    // flag stays while it may still be loading them.
     #[cfg(native_hooks)]
-    if !look_again && RUNTIME.native.dlopen_outstanding() {
+    if RUNTIME.native.refresh() {
         RUNTIME.has_pending.store(true, Relaxed);
     }
+    let Some(engine) = engine.as_mut() else {
+        return;
+    };
     for event in events.drain(..) {
         match event {
             Pending::Alloc {
