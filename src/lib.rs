@@ -30,6 +30,8 @@ mod _native {
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
-        m.add("__version__", env!("CARGO_PKG_VERSION"))
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // What native tracing appends to an environment key, defined with the results schema.
+        m.add("NATIVE_SUFFIX", crate::model::results::NATIVE_SUFFIX)
     }
 }

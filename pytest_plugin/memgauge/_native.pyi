@@ -4,6 +4,7 @@ from typing import TypedDict
 from typing_extensions import Self, final
 
 __all__ = [
+    "NATIVE_SUFFIX",
     "LineTracer",
     "ResultsWriter",
     "Scope",
@@ -18,6 +19,7 @@ __all__ = [
     "site_lookup",
 ]
 __version__: str
+NATIVE_SUFFIX: str
 
 class Site(TypedDict):
     file: str

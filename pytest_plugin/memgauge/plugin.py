@@ -156,7 +156,7 @@ class Settings:
         if native:
             # Figures that include native allocations are other figures: a baseline keeps
             # them apart, and `memgauge compare` will not gate one kind against the other.
-            environment += "+native"
+            environment += _native.NATIVE_SUFFIX
         shard = cfg.parse_shard(values["shard"]) if values["shard"] else None
         output = Path(values["output"])
         if not output.is_absolute():
