@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::engine::proc::ProcessResident;
 use crate::gate::render::xml_escape as escape;
 use crate::model::error::{read_text, Error, Result};
 
@@ -77,11 +78,12 @@ const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// How often the list of descendants is read again (it costs a directory walk).
 const CHILDREN_EVERY: Duration = Duration::from_millis(20);
 
-/// Reads the RSS of the command and its descendants, keeping their `statm` files open.
+/// Reads the RSS of the command and its descendants, keeping what each read needs open (on
+/// Linux its `statm`, on Windows its handle).
 struct Sampler {
     root: u32,
     include_children: bool,
-    files: Vec<(u32, File)>,
+    processes: Vec<ProcessResident>,
     children_read: Option<Instant>,
 }
 
@@ -90,7 +92,7 @@ impl Sampler {
         Sampler {
             root,
             include_children,
-            files: Vec::new(),
+            processes: Vec::new(),
             children_read: None,
         }
     }
@@ -100,11 +102,12 @@ impl Sampler {
         if self.include_children {
             pids.extend(crate::engine::proc::descendants(self.root));
         }
-        self.files.retain(|(pid, _)| pids.contains(pid));
+        self.processes
+            .retain(|process| pids.contains(&process.pid()));
         for pid in pids {
-            if !self.files.iter().any(|(known, _)| *known == pid) {
-                if let Ok(file) = File::open(format!("/proc/{pid}/statm")) {
-                    self.files.push((pid, file));
+            if !self.processes.iter().any(|known| known.pid() == pid) {
+                if let Some(process) = ProcessResident::open(pid) {
+                    self.processes.push(process);
                 }
             }
         }
@@ -119,22 +122,20 @@ impl Sampler {
         if due {
             self.refresh();
         }
-        let page = crate::engine::ffi::page_size();
         let mut entries = String::new();
         let mut gone = Vec::new();
-        for (pid, file) in &mut self.files {
+        for process in &mut self.processes {
             // A process that exited but is not reaped yet reads as 0 pages: it is gone.
-            let text = crate::engine::proc::read_from_start(file).ok();
-            let bytes = text.and_then(|text| crate::engine::proc::parse_statm(&text, page));
-            match bytes.filter(|&bytes| bytes > 0) {
+            match process.read().filter(|&bytes| bytes > 0) {
                 Some(bytes) => {
                     let comma = if entries.is_empty() { "" } else { "," };
-                    let _ = write!(entries, "{comma}[{pid},{bytes}]");
+                    let _ = write!(entries, "{comma}[{},{bytes}]", process.pid());
                 }
-                None => gone.push(*pid),
+                None => gone.push(process.pid()),
             }
         }
-        self.files.retain(|(pid, _)| !gone.contains(pid));
+        self.processes
+            .retain(|process| !gone.contains(&process.pid()));
         if !entries.is_empty() {
             let _ = writeln!(line, r#"{{"t":{t:.6},"rss":[{entries}]}}"#);
         }

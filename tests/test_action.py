@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from _platforms import bash_scripts
 from memgauge.config import DEFINITIONS, environment_key
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:
     import tomli as tomllib
+
+# Every test here runs the action's bash scripts.
+pytestmark = bash_scripts()
 
 RUN_SH = Path(__file__).parent.parent / ".github" / "actions" / "memgauge" / "run.sh"
 # A test id with quotes, a dollar sign, backticks and unicode must survive every step.
@@ -52,13 +56,13 @@ def run_action(
         ["bash", str(RUN_SH)], cwd=project, env=env, capture_output=True, text=True, timeout=300
     )
     outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())
-    return result, outputs, summary.read_text()
+    return result, outputs, summary.read_text(encoding="utf-8")
 
 
 @pytest.mark.skipif(shutil.which("memgauge") is None, reason="needs the installed console script")
 def test_action_gates_and_passes_odd_test_ids_through(tmp_path: Path):
     (tmp_path / "tests").mkdir()
-    (tmp_path / "tests" / "test_tricky.py").write_text(SUITE)
+    (tmp_path / "tests" / "test_tricky.py").write_text(SUITE, encoding="utf-8")
     # Without this pytest escapes non-ASCII in ids; users who set it get unicode ids.
     (tmp_path / "pyproject.toml").write_text(
         "[tool.pytest.ini_options]\n"
@@ -78,7 +82,7 @@ def test_action_gates_and_passes_odd_test_ids_through(tmp_path: Path):
         text=True,
     )
     assert update.returncode == 0, update.stderr
-    baseline = tomllib.loads((tmp_path / "memgauge-baseline.toml").read_text())
+    baseline = tomllib.loads((tmp_path / "memgauge-baseline.toml").read_text(encoding="utf-8"))
     assert f"tests/test_tricky.py::test_tricky[{TRICKY}]" in baseline["tests"]
 
     same, outputs, summary = run_action(tmp_path, 1)
@@ -93,13 +97,13 @@ def test_action_gates_and_passes_odd_test_ids_through(tmp_path: Path):
     assert annotation.startswith("::error file=tests/test_tricky.py,line=5,")
     assert f"tests/test_tricky.py::test_tricky[{TRICKY}]: peak" in annotation
     assert TRICKY.replace("`", "'") in summary
-    junit = (tmp_path / outputs["junit"]).read_text()
+    junit = (tmp_path / outputs["junit"]).read_text(encoding="utf-8")
     assert "$HOME" in junit and "ünï" in junit and "<failure" in junit
     # The line that grew, beside the baseline's: in the log and in the report.
     grown_line = next(line for line in grown.stdout.splitlines() if "in test_tricky:" in line)
     assert grown_line.strip().startswith("tests/test_tricky.py:7 in test_tricky: 4.00 MiB")
     assert "(baseline 1.00 MiB, +3.00 MiB)" in grown_line
-    report = (tmp_path / outputs["report"]).read_text()
+    report = (tmp_path / outputs["report"]).read_text(encoding="utf-8")
     assert "Lines that grew" in report and "| `tests/test_tricky.py:7 test_tricky` |" in report
 
 

@@ -21,7 +21,8 @@ pytest_plugins = ["pytester"]
 def figures(pytester: pytest.Pytester, *args: str) -> dict[str, dict]:
     result = pytester.runpytest_subprocess("--memprof", "-p", "no:randomly", *args)
     assert result.ret == 0, result.stdout.str()
-    return json.loads((pytester.path / ".memgauge/results.json").read_text())["tests"]
+    document = pytester.path / ".memgauge/results.json"
+    return json.loads(document.read_text(encoding="utf-8"))["tests"]
 
 
 def gated(record: dict) -> tuple[int, int]:
@@ -189,7 +190,8 @@ def test_hypothesis_and_unseeded_random_give_the_same_figures_on_two_runs(
 def test_the_results_say_what_the_figures_include(pytester: pytest.Pytester):
     pytester.makepyfile(test_one="def test_one():\n    pass\n")
     pytester.runpytest_subprocess("--memprof", "--memprof-seed", "off").assert_outcomes(passed=1)
-    document = json.loads((pytester.path / ".memgauge/results.json").read_text())
+    results = pytester.path / ".memgauge/results.json"
+    document = json.loads(results.read_text(encoding="utf-8"))
     determinism = document["determinism"]
     assert determinism["seed"] is None
     assert "frozen" in determinism["gc"]

@@ -65,6 +65,7 @@ def compare_to_junit(directory: Path, *results: str) -> None:
         cwd=directory,
         capture_output=True,
         text=True,
+        encoding="utf-8",  # what the CLI writes (test_ü.py), whatever the platform's locale
         timeout=60,
     )
     assert done.returncode == 1, done.stdout + done.stderr

@@ -54,7 +54,7 @@ def test_mprun_prints_the_line_table_and_saves_it(ip, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "Line #    Mem usage    Increment         Peak  Occurrences   Line Contents" in out
     assert "68.7 MiB" in out and "-68.7 MiB" in out
-    assert "68.7 MiB" in saved.read_text()
+    assert "68.7 MiB" in saved.read_text(encoding="utf-8")
     assert profiler.results()[0].name == "my_func"
 
 

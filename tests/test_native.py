@@ -16,13 +16,14 @@ from pathlib import Path
 
 import memgauge
 import pytest
+from _platforms import needs_cc
 from memgauge import _native
 
 MiB = 1024 * 1024
 
 pytestmark = [
     pytest.mark.skipif(not _native.native_supported(), reason="native tracing: Linux x86_64"),
-    pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler"),
+    needs_cc,
 ]
 
 LIBRARY_C = r"""

@@ -9,6 +9,7 @@ import sysconfig
 import xml.etree.ElementTree as ET
 
 import pytest
+from _platforms import needs_sigkill
 
 MiB = 2**20
 
@@ -16,7 +17,7 @@ pytest_plugins = ["pytester"]
 
 
 def results(pytester: pytest.Pytester, name: str = ".memgauge/results.json") -> dict:
-    return json.loads((pytester.path / name).read_text())
+    return json.loads((pytester.path / name).read_text(encoding="utf-8"))
 
 
 def within(actual: int, expected: int, tolerance: float) -> bool:
@@ -355,6 +356,7 @@ def test_b():
 """
 
 
+@needs_sigkill
 def test_killed_worker_keeps_the_other_results(pytester: pytest.Pytester):
     pytester.makepyfile(test_kill=KILL_SUITE)
     result = pytester.runpytest_subprocess("-n", "2", "--memprof", "-p", "no:randomly")
@@ -369,11 +371,13 @@ def test_killed_worker_keeps_the_other_results(pytester: pytest.Pytester):
     assert within(tests["test_kill.py::test_b"]["peak_bytes"], 2 * MiB, 0.01)
 
 
+@needs_sigkill
 def test_a_killed_serial_run_leaves_its_stream(pytester: pytest.Pytester):
     pytester.makepyfile(test_kill=KILL_SUITE)
     pytester.runpytest_subprocess("--memprof")
     assert not (pytester.path / ".memgauge/results.json").exists()
-    lines = (pytester.path / ".memgauge/results.json.partial").read_text().splitlines()
+    partial = pytester.path / ".memgauge/results.json.partial"
+    lines = partial.read_text(encoding="utf-8").splitlines()
     events = [json.loads(line) for line in lines]
     finished = [e["id"] for e in events if e["event"] == "test"]
     started = [e["id"] for e in events if e["event"] == "start"]

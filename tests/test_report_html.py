@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from _platforms import LINUX
 
 RESULTS = {
     "schema": 1,
@@ -76,6 +77,9 @@ def browser() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
             return name
+    if not LINUX:
+        # `make browser` is apt-get's chromium: elsewhere the test runs only if one is on PATH.
+        pytest.skip("needs chromium on PATH (`make browser` installs it on Debian only)")
     if os.environ.get("MEMGAUGE_REQUIRE_BROWSER"):
         pytest.fail("no chromium on PATH: `make browser` installs Debian's package")
     pytest.skip("needs chromium (make browser)")
@@ -105,6 +109,7 @@ def report(tmp_path: Path) -> Path:
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        encoding="utf-8",  # what the CLI writes, whatever the platform's locale
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
@@ -112,7 +117,7 @@ def report(tmp_path: Path) -> Path:
 
 
 def test_the_page_is_self_contained_and_marks_the_baseline(report: Path):
-    html = report.read_text()
+    html = report.read_text(encoding="utf-8")
     assert not re.search(r"""(src|href)\s*=""", html), "fetches nothing"
     assert "t.py::test_&lt;new&gt;" in html
     regressed = re.findall(r'<tr class="regressed"><td data-v="([^"]+)"', html)
@@ -149,7 +154,9 @@ def test_chromium_shows_the_table_and_the_chart_without_console_errors(report: P
         "--window-size=1200,1000",
     ]
     url = report.as_uri() + "#sort=leaked_bytes:asc"
-    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    dom = subprocess.run(
+        [*base, "--dump-dom", url], capture_output=True, encoding="utf-8", timeout=120
+    )
     assert dom.returncode == 0, dom.stderr
     assert 'data-ready="yes"' in dom.stdout, "the script ran"
     order = re.findall(r'<tr[^>]*><td data-v="([^"]+)"', dom.stdout)

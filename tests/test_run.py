@@ -9,9 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _platforms import WINDOWS, needs_sigkill, reads_proc
 
 MiB = 2**20
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS from /proc")
+# A command that does nothing and exits 0: Windows has no `true`.
+TRUE = [sys.executable, "-c", "pass"] if WINDOWS else ["true"]
 
 
 def memgauge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -20,13 +22,14 @@ def memgauge(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         cwd=cwd,
         capture_output=True,
         text=True,
+        encoding="utf-8",  # what the CLI writes, whatever the platform's locale
         timeout=300,
     )
 
 
 def load(path: Path) -> tuple[list[float], dict[int, list[int | None]], list[dict], dict]:
     times, processes, tests, header, exit_event = [], {}, [], {}, {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         event = json.loads(line)
         if event.get("event") == "run":
             header = event
@@ -54,6 +57,7 @@ def write(tmp_path: Path, name: str, source: str) -> Path:
     return path
 
 
+@reads_proc
 def test_the_samples_show_the_shape_and_the_peak(tmp_path):
     write(
         tmp_path,
@@ -126,11 +130,15 @@ def test_children_count_only_when_asked(tmp_path, include_children):
         assert peak < parent_alone + 50 * MiB
 
 
-def test_exit_codes_pass_through_and_a_killed_command_keeps_its_samples(tmp_path):
+def test_exit_codes_pass_through(tmp_path):
     done = memgauge(
         "run", "-o", "a.jsonl", "--", sys.executable, "-c", "import sys; sys.exit(7)", cwd=tmp_path
     )
     assert done.returncode == 7
+
+
+@needs_sigkill
+def test_a_killed_command_keeps_its_samples(tmp_path):
     killer = "import os, signal, time; time.sleep(0.3); os.kill(os.getpid(), signal.SIGKILL)"
     done = memgauge(
         "run",
@@ -190,7 +198,7 @@ def test_pytest_under_run_marks_each_test_and_plot_draws_them(tmp_path):
 
     plot = memgauge("plot", "run.jsonl", "-o", "run.svg", "--title", "two tests", cwd=tmp_path)
     assert plot.returncode == 0, plot.stderr
-    svg = (tmp_path / "run.svg").read_text()
+    svg = (tmp_path / "run.svg").read_text(encoding="utf-8")
     assert svg.startswith("<svg") and "two tests" in svg
     assert "test_two.py::test_big" in svg and 'class="peak"' in svg
     assert "<polyline" in svg
@@ -216,8 +224,8 @@ def test_bad_input_exits_2_naming_the_file(tmp_path):
     (tmp_path / "results.json").write_text('{"schema": 1, "tests": {}}\n')
     not_a_run = memgauge("peak", "results.json", cwd=tmp_path)
     assert not_a_run.returncode == 2 and "results.json" in not_a_run.stderr
-    memgauge("run", "-o", "r.jsonl", "--", "true", cwd=tmp_path)
+    memgauge("run", "-o", "r.jsonl", "--", *TRUE, cwd=tmp_path)
     png = memgauge("plot", "r.jsonl", "-o", "r.png", cwd=tmp_path)
     assert png.returncode == 2 and "SVG" in png.stderr
-    interval = memgauge("run", "--interval", "fast", "--", "true", cwd=tmp_path)
+    interval = memgauge("run", "--interval", "fast", "--", *TRUE, cwd=tmp_path)
     assert interval.returncode == 2 and "interval" in interval.stderr

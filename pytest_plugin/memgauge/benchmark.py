@@ -27,6 +27,7 @@ from typing import Any, Callable
 import pytest
 
 import memgauge
+from memgauge.config import posix_path
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -90,7 +91,7 @@ class Memit:
         self.records.append(
             {
                 "id": key,
-                "file": file,
+                "file": posix_path(file),
                 "line": (line or 0) + 1,
                 "rounds": rounds,
                 "peak_bytes": _median(peaks),

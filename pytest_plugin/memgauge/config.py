@@ -157,6 +157,11 @@ def python_tag() -> str:
     return f"{short}{sys.version_info[0]}{sys.version_info[1]}{threaded}"
 
 
+def posix_path(path: str) -> str:
+    """A test file's path as results record it: with "/" on every OS, as in test ids."""
+    return path.replace("\\", "/") if sys.platform == "win32" else path
+
+
 def parse_shard(text: str, origin: str = "shard") -> tuple[int, int]:
     """``"2/4"`` as (2, 4)."""
     index, _, count = str(text).strip().partition("/")

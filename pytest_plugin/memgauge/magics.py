@@ -8,8 +8,9 @@ Same names and options as memory_profiler's, on the traced engine:
     highest traced peak: ``traced peak: Z MiB, leaked: W MiB``. ``-t`` stops repeating once that
     many seconds have passed; ``-c`` adds the RSS high water mark of child processes that ended
     during the statement; ``-o`` returns a :class:`MemitResult`; ``-q`` prints nothing.
-    ``-i INTERVAL`` is accepted and ignored: the RSS peak is exact (the kernel's high water
-    mark), not sampled. In ``%%memit``, the statement on the magic's line is setup, run once
+    ``-i INTERVAL`` is accepted and ignored: on Linux the RSS peak is exact (the kernel's high
+    water mark), not sampled; on macOS and Windows it is sampled every millisecond. In
+    ``%%memit``, the statement on the magic's line is setup, run once
     and not measured, and the cell is measured.
 
 ``%mprun -f FUNC [-f FUNC2 ...] [-T FILE] [-r] statement``

@@ -21,6 +21,7 @@ import memgauge
 from memgauge import _native
 from memgauge import config as cfg
 from memgauge.benchmark import Memit
+from memgauge.config import posix_path
 from memgauge.determinism import Determinism
 
 MEMLIMIT_HELP = """memlimit(peak=None, *, rss=None, leak=None, allocations=None):
@@ -361,7 +362,8 @@ class MemgaugePlugin:
             line = (json.dumps(span) + "\n").encode()
             # One write to a file opened for appending: lines from xdist workers stay whole.
             try:
-                fd = os.open(run_file, os.O_WRONLY | os.O_APPEND)
+                # O_BINARY (Windows only): the line is written as it is, without "\r\n".
+                fd = os.open(run_file, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
                 try:
                     os.write(fd, line)
                 finally:
@@ -528,7 +530,8 @@ class MemgaugePlugin:
             file, line, _ = report.location
             entry = {
                 "outcome": outcome,
-                "file": file,
+                # "/" on every OS, as in test ids and GitHub's annotations.
+                "file": posix_path(file),
                 "line": (line or 0) + 1,
                 **record,
             }
@@ -540,7 +543,12 @@ class MemgaugePlugin:
         elif report.when == "???" and report.failed and self.settings.memprof:
             # pytest-xdist reports a test whose worker died (killed, out of memory, segfault).
             file, line, _ = self.locations.get(report.nodeid, report.location)
-            entry = {"outcome": "error", "crashed": True, "file": file, "line": (line or 0) + 1}
+            entry = {
+                "outcome": "error",
+                "crashed": True,
+                "file": posix_path(file),
+                "line": (line or 0) + 1,
+            }
             self.record("test", key, entry)
 
     def record(self, kind: str, key: str, entry: dict[str, Any]) -> None:

@@ -1,8 +1,9 @@
 //! Reading the process's memory and threads from the OS.
 //!
-//! Each reader is a pure parser of the OS's text plus a thin I/O shell, so the parsers are tested
-//! on text. Linux is the platform with exact figures; elsewhere the readers answer `None` and the
-//! traced figures stand alone.
+//! On Linux each reader is a pure parser of `/proc`'s text plus a thin I/O shell, so the parsers
+//! are tested on text; Linux is the platform with an exact, resettable peak. macOS and Windows
+//! answer through their APIs (`engine::ffi::os_memory`): the RSS now and a lifetime peak that
+//! cannot be reset. Elsewhere the readers answer `None` and the traced figures stand alone.
 
 use std::io;
 
@@ -130,7 +131,29 @@ mod os {
         Some(parse_task_ids(names))
     }
 
-    pub fn children(pid: u32) -> Vec<u32> {
+    pub fn lifetime_peak_resident() -> Option<u64> {
+        None
+    }
+
+    pub fn descendants(pid: u32) -> Vec<u32> {
+        walk_children(pid, children)
+    }
+
+    /// The process's `statm`, kept open: one read per sample.
+    pub struct Reader(File);
+
+    impl Reader {
+        pub fn open(pid: u32) -> Option<Reader> {
+            File::open(format!("/proc/{pid}/statm")).ok().map(Reader)
+        }
+
+        pub fn read(&mut self, _pid: u32) -> Option<u64> {
+            let text = read_from_start(&mut self.0).ok()?;
+            parse_statm(&text, crate::engine::ffi::page_size())
+        }
+    }
+
+    fn children(pid: u32) -> Vec<u32> {
         // Each thread lists the children it started (proc(5), CONFIG_PROC_CHILDREN).
         let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
             return Vec::new();
@@ -149,7 +172,114 @@ mod os {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(target_os = "macos")]
+mod os {
+    use super::*;
+    use crate::engine::ffi::os_memory;
+
+    pub fn status_memory() -> Option<StatusMemory> {
+        Some(StatusMemory {
+            rss_bytes: resident_bytes(),
+            hwm_bytes: os_memory::own_lifetime_peak(),
+        })
+    }
+
+    pub fn resident_bytes() -> Option<u64> {
+        os_memory::resident_bytes_of(std::process::id())
+    }
+
+    pub fn lifetime_peak_resident() -> Option<u64> {
+        os_memory::own_lifetime_peak()
+    }
+
+    pub fn reset_peak_resident() -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "macOS cannot reset a process's peak RSS",
+        ))
+    }
+
+    pub fn thread_ids() -> Option<Vec<u64>> {
+        None
+    }
+
+    pub fn descendants(pid: u32) -> Vec<u32> {
+        walk_children(pid, os_memory::children)
+    }
+
+    /// macOS asks the kernel by pid each time: there is nothing to keep open.
+    pub struct Reader;
+
+    impl Reader {
+        pub fn open(pid: u32) -> Option<Reader> {
+            os_memory::resident_bytes_of(pid).map(|_| Reader)
+        }
+
+        pub fn read(&mut self, pid: u32) -> Option<u64> {
+            os_memory::resident_bytes_of(pid)
+        }
+    }
+}
+
+#[cfg(windows)]
+mod os {
+    use super::*;
+    use crate::engine::ffi::os_memory::{self, ProcessHandle};
+
+    pub fn status_memory() -> Option<StatusMemory> {
+        let own = ProcessHandle::current();
+        Some(StatusMemory {
+            rss_bytes: own.resident_bytes(),
+            hwm_bytes: own.lifetime_peak(),
+        })
+    }
+
+    pub fn resident_bytes() -> Option<u64> {
+        ProcessHandle::current().resident_bytes()
+    }
+
+    pub fn lifetime_peak_resident() -> Option<u64> {
+        ProcessHandle::current().lifetime_peak()
+    }
+
+    pub fn reset_peak_resident() -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "Windows cannot reset a process's peak working set",
+        ))
+    }
+
+    pub fn thread_ids() -> Option<Vec<u64>> {
+        None
+    }
+
+    pub fn descendants(pid: u32) -> Vec<u32> {
+        // One snapshot of every process, walked from `pid`.
+        let links = os_memory::parent_links();
+        walk_children(pid, |parent| {
+            links
+                .iter()
+                .filter(|&&(child, of)| of == parent && child != parent)
+                .map(|&(child, _)| child)
+                .collect()
+        })
+    }
+
+    /// The process's handle, kept open: it also keeps the id from being reused.
+    pub struct Reader(ProcessHandle);
+
+    impl Reader {
+        pub fn open(pid: u32) -> Option<Reader> {
+            ProcessHandle::open(pid).map(Reader)
+        }
+
+        pub fn read(&mut self, _pid: u32) -> Option<u64> {
+            self.0.resident_bytes()
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos", windows)))]
 mod os {
     use super::*;
 
@@ -161,10 +291,14 @@ mod os {
         None
     }
 
+    pub fn lifetime_peak_resident() -> Option<u64> {
+        None
+    }
+
     pub fn reset_peak_resident() -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            "resetting the peak RSS needs Linux's /proc/self/clear_refs",
+            "memgauge reads the RSS on Linux, macOS and Windows only",
         ))
     }
 
@@ -172,9 +306,77 @@ mod os {
         None
     }
 
-    pub fn children(_pid: u32) -> Vec<u32> {
+    pub fn descendants(_pid: u32) -> Vec<u32> {
         Vec::new()
     }
+
+    pub struct Reader;
+
+    impl Reader {
+        pub fn open(_pid: u32) -> Option<Reader> {
+            None
+        }
+
+        pub fn read(&mut self, _pid: u32) -> Option<u64> {
+            None
+        }
+    }
+}
+
+/// Every process below `pid`, found by asking `children` of each in turn.
+#[cfg_attr(
+    not(any(target_os = "linux", target_os = "macos", windows)),
+    allow(dead_code)
+)]
+fn walk_children(pid: u32, mut children: impl FnMut(u32) -> Vec<u32>) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(parent) = next.pop() {
+        for child in children(parent) {
+            if child != pid && !found.contains(&child) {
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// Whether this OS lets a process reset its RSS high water mark (Linux's `clear_refs`). Where
+/// it does not, a window's peak is sampled.
+pub const PEAK_RESETTABLE: bool = cfg!(target_os = "linux");
+
+/// The RSS of one process, read again and again (`memgauge run`'s samples): on Linux its
+/// `statm` kept open, on Windows its handle, on macOS its id.
+pub struct ProcessResident {
+    pid: u32,
+    reader: os::Reader,
+}
+
+impl ProcessResident {
+    /// None where the process is gone, may not be read, or the OS does not tell its RSS.
+    pub fn open(pid: u32) -> Option<ProcessResident> {
+        Some(ProcessResident {
+            pid,
+            reader: os::Reader::open(pid)?,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The RSS now, in bytes; None (or 0, on Linux) once the process has exited.
+    pub fn read(&mut self) -> Option<u64> {
+        self.reader.read(self.pid)
+    }
+}
+
+/// This process's RSS high water mark since it started, where the OS keeps one that a reset
+/// does not lower (macOS's `ru_maxrss`, Windows' peak working set; on Linux `clear_refs` lowers
+/// it, so None).
+pub fn lifetime_peak_resident() -> Option<u64> {
+    os::lifetime_peak_resident()
 }
 
 /// `VmRSS` and `VmHWM` of this process, where the OS tells them.
@@ -225,17 +427,7 @@ pub fn thread_ids() -> Option<Vec<u64>> {
 
 /// Every process `pid` started, and their children in turn, where the OS lists them.
 pub fn descendants(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut next = vec![pid];
-    while let Some(parent) = next.pop() {
-        for child in os::children(parent) {
-            if !found.contains(&child) {
-                found.push(child);
-                next.push(child);
-            }
-        }
-    }
-    found
+    os::descendants(pid)
 }
 
 #[cfg(test)]

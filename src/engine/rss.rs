@@ -1,9 +1,12 @@
 //! The process RSS over a stretch of time: at its start, at its end, and its high water mark.
 //!
 //! On Linux the high water mark is exact: the kernel keeps it (`VmHWM`) and lets a process reset
-//! it (`/proc/self/clear_refs`, value 5). Where the reset is refused (some containers), or when
-//! `MEMGAUGE_RSS_SAMPLER=1` asks for it, a Rust thread samples the RSS every millisecond instead,
-//! without the GIL, and the figure is marked as sampled. Nested windows share one process-wide
+//! it (`/proc/self/clear_refs`, value 5). Where the reset is refused (some containers), on macOS
+//! and Windows (which cannot reset it), or when `MEMGAUGE_RSS_SAMPLER=1` asks for it, a Rust
+//! thread samples the RSS every millisecond instead, without the GIL, and the figure is marked
+//! as sampled. There, a lifetime peak that rose since the sampler's last reset (macOS's
+//! `ru_maxrss`, Windows' peak working set) was reached since then, so it is folded in too: a
+//! window that sets a new record for the process gets its exact peak even between samples. Nested windows share one process-wide
 //! mark: before every reset its value is folded into each open window, so no window loses it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -28,6 +31,8 @@ const SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 
 struct Sampler {
     peak: Arc<AtomicU64>,
+    /// The OS's lifetime peak at the last reset, where it keeps one.
+    lifetime_at_reset: Option<u64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -50,7 +55,27 @@ impl Sampler {
                 })
                 .ok()
         };
-        Sampler { peak, stop, thread }
+        Sampler {
+            peak,
+            lifetime_at_reset: proc::lifetime_peak_resident(),
+            stop,
+            thread,
+        }
+    }
+
+    /// The highest RSS seen since the last reset.
+    fn peak(&self) -> u64 {
+        with_lifetime_peak(
+            self.peak.load(Relaxed),
+            self.lifetime_at_reset,
+            proc::lifetime_peak_resident(),
+        )
+    }
+
+    fn reset(&mut self) {
+        self.lifetime_at_reset = proc::lifetime_peak_resident();
+        self.peak
+            .store(proc::resident_bytes().unwrap_or(0), Relaxed);
     }
 
     fn stop(mut self) {
@@ -58,6 +83,15 @@ impl Sampler {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// The peak since a reset: the sampled one, or the process's lifetime peak if that rose since
+/// the reset (`before`): then it was reached after the reset, between two samples or not.
+fn with_lifetime_peak(sampled: u64, before: Option<u64>, now: Option<u64>) -> u64 {
+    match (before, now) {
+        (Some(before), Some(now)) if now > before => sampled.max(now),
+        _ => sampled,
     }
 }
 
@@ -95,7 +129,7 @@ impl RssMonitor {
                 let memory = proc::status_memory().unwrap_or_default();
                 (memory.hwm_bytes, memory.rss_bytes)
             }
-            Some(Source::Sampler(sampler)) => (Some(sampler.peak.load(Relaxed)), None),
+            Some(Source::Sampler(sampler)) => (Some(sampler.peak()), None),
             None => (None, None),
         };
         if let Some(peak) = peak {
@@ -108,17 +142,13 @@ impl RssMonitor {
 
     /// Restarts the mark from the RSS now.
     fn reset_mark(&mut self) {
-        match &self.source {
+        match &mut self.source {
             Some(Source::Kernel) if proc::reset_peak_resident().is_err() => {
                 self.kernel_refused = true;
                 self.source = Some(Source::Sampler(Sampler::start()));
             }
             Some(Source::Kernel) => {}
-            Some(Source::Sampler(sampler)) => {
-                sampler
-                    .peak
-                    .store(proc::resident_bytes().unwrap_or(0), Relaxed);
-            }
+            Some(Source::Sampler(sampler)) => sampler.reset(),
             None => {}
         }
     }
@@ -127,7 +157,7 @@ impl RssMonitor {
         if self.source.is_some() {
             return;
         }
-        self.source = if Self::sampling_forced() || self.kernel_refused {
+        self.source = if Self::sampling_forced() || self.kernel_refused || !proc::PEAK_RESETTABLE {
             Some(Source::Sampler(Sampler::start()))
         } else {
             Some(Source::Kernel)
@@ -216,6 +246,18 @@ mod tests {
             page[0] = 1;
         }
         buffer
+    }
+
+    #[test]
+    fn a_lifetime_peak_counts_only_when_it_rose_since_the_reset() {
+        // A spike between samples that set a new record for the process.
+        assert_eq!(with_lifetime_peak(10, Some(50), Some(80)), 80);
+        // The record is older than the reset: it says nothing about the window.
+        assert_eq!(with_lifetime_peak(10, Some(80), Some(80)), 10);
+        // Sampled higher than a record that barely rose (RSS read between the two reads).
+        assert_eq!(with_lifetime_peak(90, Some(50), Some(60)), 90);
+        // No lifetime peak (Linux, where clear_refs lowers it).
+        assert_eq!(with_lifetime_peak(10, None, None), 10);
     }
 
     /// One test, not two: the kernel's mark is per process and tests run in parallel threads.

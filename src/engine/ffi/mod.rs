@@ -25,7 +25,8 @@
 //! malloc family, as C code calls it) and `got` (the loaded objects' GOT slots it is
 //! interposed in), `sites` and
 //! `frames` (which line allocated), `trace` and `monitoring` (line events for the line
-//! profiler, from the trace function and from `sys.monitoring`); here, the few OS calls.
+//! profiler, from the trace function and from `sys.monitoring`), `os_memory` (a process's RSS
+//! on macOS and Windows); here, the few other OS calls.
 
 #[cfg(feature = "python")]
 mod domains;
@@ -44,6 +45,8 @@ pub(crate) mod monitoring;
 mod native;
 #[cfg(feature = "python")]
 mod numpy;
+#[cfg(any(target_os = "macos", windows))]
+pub mod os_memory;
 #[cfg(feature = "python")]
 mod runtime;
 #[cfg(feature = "python")]
@@ -111,7 +114,9 @@ pub fn own_cpu_seconds() -> Option<f64> {
         let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         Some(seconds(usage.ru_utime) + seconds(usage.ru_stime))
     }
-    #[cfg(not(unix))]
+    #[cfg(windows)]
+    return os_memory::ProcessHandle::current().cpu_seconds();
+    #[cfg(not(any(unix, windows)))]
     None
 }
 

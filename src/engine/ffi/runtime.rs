@@ -498,6 +498,7 @@ impl Runtime {
     ///
     /// Nothing happens before the fork: a lock held across it would be waited on by the other
     /// libraries' fork handlers (OpenBLAS joins its threads there, which free memory).
+    #[cfg(unix)]
     fn after_fork_in_child(&self) {
         if self.pending.locked.load(Relaxed) {
             // SAFETY: the child has one thread, this one, and no one else can reach the queue.
