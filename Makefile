@@ -1,7 +1,7 @@
 # One entry point: the README, CI and .ci/run call these targets.
 PYTHON ?= python3
 
-.PHONY: install native wheel sdist browser test test-debug lint check-platforms demo bench versions
+.PHONY: install native wheel browser test test-debug lint check-platforms demo bench versions
 
 install:
 	$(PYTHON) -m pip install --quiet -e ".[test]"
@@ -15,15 +15,17 @@ native:
 	  pytest_plugin/memgauge/_native$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 
 # The Linux wheel, as `pip install memgauge` would get it: built with debug info stripped, its
-# manylinux tag checked by auditwheel, its size and contents printed. tests/test_wheel.py
+# manylinux tag checked by auditwheel, its size and contents printed; and the sdist, both
+# checked by twine (release.yml builds a wheel from the sdist alone). tests/test_wheel.py
 # installs it into a fresh virtual environment with no Rust on PATH. Its own target directory:
 # the stripped build would otherwise rebuild, and be rebuilt by, the editable install.
 wheel:
 	rm -rf dist
 	CARGO_TARGET_DIR=target/wheel $(PYTHON) -m maturin build --quiet --release --strip --out dist
+	$(PYTHON) -m maturin sdist --out dist
 	$(PYTHON) -m pip install --quiet "auditwheel>=6" "twine>=5"
 	$(PYTHON) -m auditwheel show dist/*.whl
-	$(PYTHON) -m twine check --strict dist/*.whl
+	$(PYTHON) -m twine check --strict dist/*.whl dist/*.tar.gz
 	@$(PYTHON) -c 'import glob, os, zipfile; w = glob.glob("dist/*.whl")[0]; \
 	  print(f"{w}: {os.path.getsize(w) / 2**20:.2f} MiB"); \
 	  [print(f"  {i.file_size:>10}  {i.filename}") for i in zipfile.ZipFile(w).infolist()]'
