@@ -177,30 +177,12 @@ mod os {
     use super::*;
     use crate::engine::ffi::os_memory;
 
-    pub fn status_memory() -> Option<StatusMemory> {
-        Some(StatusMemory {
-            rss_bytes: resident_bytes(),
-            hwm_bytes: os_memory::own_lifetime_peak(),
-        })
-    }
-
     pub fn resident_bytes() -> Option<u64> {
         os_memory::resident_bytes_of(std::process::id())
     }
 
     pub fn lifetime_peak_resident() -> Option<u64> {
         os_memory::own_lifetime_peak()
-    }
-
-    pub fn reset_peak_resident() -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "macOS cannot reset a process's peak RSS",
-        ))
-    }
-
-    pub fn thread_ids() -> Option<Vec<u64>> {
-        None
     }
 
     pub fn descendants(pid: u32) -> Vec<u32> {
@@ -226,31 +208,12 @@ mod os {
     use super::*;
     use crate::engine::ffi::os_memory::{self, ProcessHandle};
 
-    pub fn status_memory() -> Option<StatusMemory> {
-        let own = ProcessHandle::current();
-        Some(StatusMemory {
-            rss_bytes: own.resident_bytes(),
-            hwm_bytes: own.lifetime_peak(),
-        })
-    }
-
     pub fn resident_bytes() -> Option<u64> {
         ProcessHandle::current().resident_bytes()
     }
 
     pub fn lifetime_peak_resident() -> Option<u64> {
         ProcessHandle::current().lifetime_peak()
-    }
-
-    pub fn reset_peak_resident() -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "Windows cannot reset a process's peak working set",
-        ))
-    }
-
-    pub fn thread_ids() -> Option<Vec<u64>> {
-        None
     }
 
     pub fn descendants(pid: u32) -> Vec<u32> {
@@ -283,26 +246,11 @@ mod os {
 mod os {
     use super::*;
 
-    pub fn status_memory() -> Option<StatusMemory> {
-        None
-    }
-
     pub fn resident_bytes() -> Option<u64> {
         None
     }
 
     pub fn lifetime_peak_resident() -> Option<u64> {
-        None
-    }
-
-    pub fn reset_peak_resident() -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "memgauge reads the RSS on Linux, macOS and Windows only",
-        ))
-    }
-
-    pub fn thread_ids() -> Option<Vec<u64>> {
         None
     }
 
@@ -379,9 +327,16 @@ pub fn lifetime_peak_resident() -> Option<u64> {
     os::lifetime_peak_resident()
 }
 
-/// `VmRSS` and `VmHWM` of this process, where the OS tells them.
+/// `VmRSS` and `VmHWM` of this process, where the OS tells them (elsewhere than Linux, the RSS
+/// now and the lifetime peak).
 pub fn status_memory() -> Option<StatusMemory> {
-    os::status_memory()
+    #[cfg(target_os = "linux")]
+    return os::status_memory();
+    #[cfg(not(target_os = "linux"))]
+    Some(StatusMemory {
+        rss_bytes: resident_bytes(),
+        hwm_bytes: lifetime_peak_resident(),
+    })
 }
 
 /// This process's resident set size now, from the cheap `statm` file (for sampling).
@@ -415,14 +370,24 @@ pub fn read_from_start(file: &mut std::fs::File) -> io::Result<String> {
     String::from_utf8(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Resets this process's `VmHWM` to its current RSS. Refused in some containers.
+/// Resets this process's `VmHWM` to its current RSS. Refused in some containers, and by every
+/// OS but Linux ([`PEAK_RESETTABLE`]).
 pub fn reset_peak_resident() -> io::Result<()> {
-    os::reset_peak_resident()
+    #[cfg(target_os = "linux")]
+    return os::reset_peak_resident();
+    #[cfg(not(target_os = "linux"))]
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "only Linux lets a process reset its peak RSS (/proc/self/clear_refs)",
+    ))
 }
 
-/// The OS ids of every thread of this process, sorted, where the OS lists them.
+/// The OS ids of every thread of this process, sorted, where the OS lists them (`/proc`).
 pub fn thread_ids() -> Option<Vec<u64>> {
-    os::thread_ids()
+    #[cfg(target_os = "linux")]
+    return os::thread_ids();
+    #[cfg(not(target_os = "linux"))]
+    None
 }
 
 /// Every process `pid` started, and their children in turn, where the OS lists them.

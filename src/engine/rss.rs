@@ -6,12 +6,12 @@
 //! thread samples the RSS every millisecond instead, without the GIL, and the figure is marked
 //! as sampled. There, a lifetime peak that rose since the sampler's last reset (macOS's
 //! `ru_maxrss`, Windows' peak working set) was reached since then, so it is folded in too: a
-//! window that sets a new record for the process gets its exact peak even between samples. Nested windows share one process-wide
-//! mark: before every reset its value is folded into each open window, so no window loses it.
+//! window that sets a new record for the process gets its exact peak even between samples.
+//! Nested windows share one process-wide mark: before every reset its value is folded into each
+//! open window, so no window loses it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::engine::proc;
@@ -34,16 +34,18 @@ struct Sampler {
     /// The OS's lifetime peak at the last reset, where it keeps one.
     lifetime_at_reset: Option<u64>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Sampler {
     fn start() -> Sampler {
         let peak = Arc::new(AtomicU64::new(proc::resident_bytes().unwrap_or(0)));
         let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
+        {
             let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
-            std::thread::Builder::new()
+            // Not joined: stopping it must not wait out its sleep on every test's close (the
+            // sampler is the source on macOS and Windows). It ends at its next wake-up.
+            // Should the spawn fail, the peak stays the RSS at the start.
+            let _ = std::thread::Builder::new()
                 .name("memgauge-rss".to_owned())
                 .spawn(move || {
                     while !stop.load(Relaxed) {
@@ -52,14 +54,12 @@ impl Sampler {
                         }
                         std::thread::sleep(SAMPLE_INTERVAL);
                     }
-                })
-                .ok()
-        };
+                });
+        }
         Sampler {
             peak,
             lifetime_at_reset: proc::lifetime_peak_resident(),
             stop,
-            thread,
         }
     }
 
@@ -78,11 +78,8 @@ impl Sampler {
             .store(proc::resident_bytes().unwrap_or(0), Relaxed);
     }
 
-    fn stop(mut self) {
+    fn stop(self) {
         self.stop.store(true, Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
