@@ -3,10 +3,13 @@
 //! A run file is JSON Lines, streamed as the command runs so a run that dies keeps its samples:
 //! - `{"event": "run", "command": [...], "started": <unix seconds>, "interval_s": .., "pid": ..}`
 //! - `{"t": <seconds since start>, "rss": [[pid, bytes], ...]}`, one per sample, the command's
-//!   own process first;
+//!   own process first; on Linux each figure is the peak since the previous sample (the
+//!   kernel's high water mark, reset after each read), so no spike falls between two samples;
+//!   elsewhere, or where the reset is refused, the RSS at that instant;
 //! - `{"event": "test", "id": .., "start": <unix s>, "end": <unix s>, "pid": ..}`, appended by
 //!   the pytest plugin when it runs under `memgauge run` (`MEMGAUGE_RUN_FILE`);
-//! - `{"event": "exit", "t": .., "code": .., "sampler_cpu_s": ..}` at the end.
+//! - `{"event": "exit", "t": .., "code": .., "sampler_cpu_s": .., "samples": "peak"|"instant"}`
+//!   at the end ("instant" when any sample was not a peak).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -19,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::engine::proc::ProcessResident;
+use crate::engine::rss::SAMPLE_RSS_ENV;
 use crate::gate::render::xml_escape as escape;
 use crate::model::error::{read_text, Error, Result};
 
@@ -85,6 +89,9 @@ struct Sampler {
     include_children: bool,
     processes: Vec<ProcessResident>,
     children_read: Option<Instant>,
+    /// Whether some sample was the RSS at that instant rather than the peak since the one
+    /// before (the OS keeps no resettable mark, or refused the reset).
+    instant: bool,
 }
 
 impl Sampler {
@@ -94,6 +101,7 @@ impl Sampler {
             include_children,
             processes: Vec::new(),
             children_read: None,
+            instant: false,
         }
     }
 
@@ -126,7 +134,11 @@ impl Sampler {
         let mut gone = Vec::new();
         for process in &mut self.processes {
             // A process that exited but is not reaped yet reads as 0 pages: it is gone.
-            match process.read().filter(|&bytes| bytes > 0) {
+            let peak = process.read_peak();
+            let bytes = peak.or_else(|| process.read()).filter(|&bytes| bytes > 0);
+            // An exited process has no mark to read: only a live one's instant read counts.
+            self.instant |= peak.is_none() && bytes.is_some();
+            match bytes {
                 Some(bytes) => {
                     let comma = if entries.is_empty() { "" } else { "," };
                     let _ = write!(entries, "{comma}[{},{bytes}]", process.pid());
@@ -169,6 +181,9 @@ pub fn record(options: &RunOptions) -> Result<i32> {
     let mut child = Command::new(program)
         .args(args)
         .env(RUN_FILE_ENV, &absolute)
+        // The run resets each process's high water mark after every sample; the plugin then
+        // samples its per-test RSS peaks rather than resetting the same mark under the run.
+        .env(SAMPLE_RSS_ENV, "1")
         .spawn()
         .map_err(|source| {
             Error::Usage(format!("memgauge run: cannot start {program}: {source}"))
@@ -229,7 +244,8 @@ pub fn record(options: &RunOptions) -> Result<i32> {
         &mut file,
         path,
         &json!({"event": "exit", "t": clock.elapsed().as_secs_f64(), "code": code,
-                "sampler_cpu_s": cpu}),
+                "sampler_cpu_s": cpu,
+                "samples": if sampler.instant { "instant" } else { "peak" }}),
     )?;
     Ok(code)
 }
@@ -267,6 +283,8 @@ pub struct Run {
     pub exit_code: Option<i32>,
     pub sampler_cpu_s: Option<f64>,
     pub duration_s: f64,
+    /// Whether each sample is the peak since the one before (the exit line says so).
+    pub peaks: bool,
 }
 
 impl Run {
@@ -343,6 +361,7 @@ impl Run {
             Some("exit") => {
                 self.exit_code = number("code").map(|c| c as i32);
                 self.sampler_cpu_s = number("sampler_cpu_s");
+                self.peaks = value.get("samples").and_then(Value::as_str) == Some("peak");
                 self.duration_s = number("t").unwrap_or(self.duration_s);
             }
             Some(other) => return Err(format!("unknown event {other:?}")),
@@ -462,11 +481,16 @@ pub fn svg(run: &Run, title: &str) -> String {
     }
     let _ = writeln!(
         out,
-        r#"<text x="{}" y="{}" text-anchor="middle">time</text><text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">RSS</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">time</text><text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">{}</text>"#,
         left + plot_w / 2.0,
         height - 8.0,
         top + plot_h / 2.0,
-        top + plot_h / 2.0
+        top + plot_h / 2.0,
+        if run.peaks {
+            "RSS (peak of each interval)"
+        } else {
+            "RSS (sampled)"
+        }
     );
     let polyline = |points: Vec<(f64, f64)>, color: &str, width: f64, label: &str| {
         let points: Vec<String> = points
@@ -547,7 +571,7 @@ mod tests {
 {"t": 0.5, "rss": [[7, 300], [8, 1000]]}
 {"event": "test", "id": "t.py::a<b>", "start": 1000.1, "end": 1000.4, "pid": 7}
 {"t": 1.0, "rss": [[7, 200]]}
-{"event": "exit", "t": 1.0, "code": 3, "sampler_cpu_s": 0.01}
+{"event": "exit", "t": 1.0, "code": 3, "sampler_cpu_s": 0.01, "samples": "peak"}
 {"t": 1.1, "rss": [[7, 2"#;
 
     #[test]
@@ -562,11 +586,13 @@ mod tests {
         assert_eq!(run.totals(), [100, 1300, 200]);
         assert_eq!(run.peak(), Some((0.5, 1300)));
         assert_eq!(run.exit_code, Some(3));
+        assert!(run.peaks);
         assert!((run.spans[0].start - 0.1).abs() < 1e-9);
         let svg = svg(&run, "a & b");
         assert!(svg.contains("a &amp; b") && svg.contains("t.py::a&lt;b&gt;"));
         assert_eq!(svg.matches("<polyline").count(), 3);
         assert!(svg.contains("peak 0.0 MiB at 0.50 s"));
+        assert!(svg.contains("RSS (peak of each interval)"));
     }
 
     #[test]

@@ -229,3 +229,52 @@ def test_bad_input_exits_2_naming_the_file(tmp_path):
     assert png.returncode == 2 and "SVG" in png.stderr
     interval = memgauge("run", "--interval", "fast", "--", *TRUE, cwd=tmp_path)
     assert interval.returncode == 2 and "interval" in interval.stderr
+
+
+SPIKES = """
+import mmap, time
+MiB = 2**20
+time.sleep(0.3)
+for _ in range(6):
+    # 100 MiB mapped, touched and unmapped: about 60 ms here, shorter than the interval.
+    block = mmap.mmap(-1, 100 * MiB)
+    for offset in range(0, 100 * MiB, 4096):
+        block[offset] = 1
+    block.close()
+    time.sleep(0.5)
+"""
+
+
+@reads_proc
+def test_every_spike_between_two_samples_shows_in_the_samples(tmp_path):
+    # Each sample is the kernel's high water mark since the previous one, reset after the
+    # read: a 100 MiB spike that rises and falls between two 200 ms samples still shows.
+    write(tmp_path, "spikes.py", SPIKES)
+    done = memgauge(
+        "run",
+        "--interval",
+        "200ms",
+        "-o",
+        "run.jsonl",
+        "--",
+        sys.executable,
+        "spikes.py",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    _, processes, _, header = load(tmp_path / "run.jsonl")
+    assert header["exit"]["samples"] == "peak"
+    series = totals(processes)
+    base = min(series[1:])  # the first sample may come before the interpreter started
+    spikes, run = [], []
+    for value in series:
+        if value - base >= 50 * MiB:
+            run.append(value - base)
+        elif run:
+            spikes.append(max(run))
+            run = []
+    if run:
+        spikes.append(max(run))
+    assert len(spikes) == 6, (spikes, series)
+    for height in spikes:
+        assert abs(height - 100 * MiB) <= 0.05 * 100 * MiB, [h / MiB for h in spikes]

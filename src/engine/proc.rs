@@ -139,17 +139,42 @@ mod os {
         walk_children(pid, children)
     }
 
-    /// The process's `statm`, kept open: one read per sample.
-    pub struct Reader(File);
+    /// The process's `statm`, kept open: one read per sample; and, where this process may
+    /// reset the other's high water mark, its `status` and `clear_refs`.
+    pub struct Reader {
+        statm: File,
+        peaks: Option<(File, File)>,
+    }
 
     impl Reader {
         pub fn open(pid: u32) -> Option<Reader> {
-            File::open(format!("/proc/{pid}/statm")).ok().map(Reader)
+            let statm = File::open(format!("/proc/{pid}/statm")).ok()?;
+            let status = File::open(format!("/proc/{pid}/status")).ok();
+            let clear_refs = File::options()
+                .write(true)
+                .open(format!("/proc/{pid}/clear_refs"))
+                .ok();
+            Some(Reader {
+                statm,
+                peaks: status.zip(clear_refs),
+            })
         }
 
         pub fn read(&mut self, _pid: u32) -> Option<u64> {
-            let text = read_from_start(&mut self.0).ok()?;
+            let text = read_from_start(&mut self.statm).ok()?;
             parse_statm(&text, crate::engine::ffi::page_size())
+        }
+
+        /// The high water mark (`VmHWM`), then reset to the RSS now: the peak since the last
+        /// call. None, for good, once the kernel refuses the reset; None for an exited process.
+        pub fn read_peak(&mut self) -> Option<u64> {
+            let (status, clear_refs) = self.peaks.as_mut()?;
+            let hwm = parse_status(&read_from_start(status).ok()?).hwm_bytes?;
+            if clear_refs.write_all(b"5").is_err() {
+                self.peaks = None;
+                return None;
+            }
+            Some(hwm)
         }
     }
 
@@ -317,6 +342,16 @@ impl ProcessResident {
     /// The RSS now, in bytes; None (or 0, on Linux) once the process has exited.
     pub fn read(&mut self) -> Option<u64> {
         self.reader.read(self.pid)
+    }
+
+    /// The peak RSS since the previous call, the kernel's high water mark reset after each
+    /// read (Linux, where this process may write the other's `clear_refs`); None where the OS
+    /// keeps no resettable mark, the reset is refused, or the process has exited.
+    pub fn read_peak(&mut self) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        return self.reader.read_peak();
+        #[cfg(not(target_os = "linux"))]
+        None
     }
 }
 

@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use crate::engine::proc;
 
+/// Set to 1, makes the engine sample its RSS peaks instead of resetting the kernel's mark
+/// (`memgauge run` sets it, since it resets the same mark after each of its samples).
+pub const SAMPLE_RSS_ENV: &str = "MEMGAUGE_RSS_SAMPLER";
+
 /// What the RSS did during one window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RssFigures {
@@ -115,7 +119,7 @@ pub struct RssMonitor {
 
 impl RssMonitor {
     fn sampling_forced() -> bool {
-        std::env::var_os("MEMGAUGE_RSS_SAMPLER").is_some_and(|v| v == "1")
+        std::env::var_os(SAMPLE_RSS_ENV).is_some_and(|v| v == "1")
     }
 
     /// Reads the mark since the last reset and folds it into every open window; returns the
