@@ -112,8 +112,13 @@ mod os {
         parse_statm(&text, crate::engine::ffi::page_size())
     }
 
+    /// Writing 5 to a process's `clear_refs` resets its VmHWM to the RSS now, without touching
+    /// page tables (proc(5)).
+    fn reset_mark(clear_refs: &mut File) -> io::Result<()> {
+        clear_refs.write_all(b"5")
+    }
+
     pub fn reset_peak_resident() -> io::Result<()> {
-        // Writing 5 resets VmHWM to the current RSS without touching page tables (proc(5)).
         with_own(|own| {
             let file = match &mut own.clear_refs {
                 Some(file) => file,
@@ -121,7 +126,7 @@ mod os {
                     .clear_refs
                     .insert(File::options().write(true).open("/proc/self/clear_refs")?),
             };
-            file.write_all(b"5")
+            reset_mark(file)
         })
     }
 
@@ -170,7 +175,7 @@ mod os {
         pub fn read_peak(&mut self) -> Option<u64> {
             let (status, clear_refs) = self.peaks.as_mut()?;
             let hwm = parse_status(&read_from_start(status).ok()?).hwm_bytes?;
-            if clear_refs.write_all(b"5").is_err() {
+            if reset_mark(clear_refs).is_err() {
                 self.peaks = None;
                 return None;
             }
